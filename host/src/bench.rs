@@ -1,0 +1,178 @@
+//! `kframe bench rotation`: what a tenant's rotation costs a decode step.
+//!
+//! The model has the layer shape of Qwen2.5-3B (random weights, fewer layers, a
+//! smaller vocabulary): rotation costs O(heads * d^2) per layer against
+//! O(hidden * intermediate) for the layer, so only the real shape gives the real
+//! ratio. Variants are timed in interleaved rounds and compared by their medians,
+//! so drift on a noisy machine hits every variant alike.
+
+use crate::cache::{KvCache, KvPrecision};
+use crate::error::Result;
+use crate::keys::MasterSecret;
+use crate::model::{synth, Qwen2, Variant};
+use crate::rotation::{Frame, Keyring};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::qwen2::ModelForCausalLM;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct RotationBenchOptions {
+    pub layers: usize,
+    pub vocab_size: usize,
+    pub rounds: usize,
+    pub contexts: Vec<usize>,
+}
+
+impl Default for RotationBenchOptions {
+    fn default() -> Self {
+        Self { layers: 2, vocab_size: 32_768, rounds: 12, contexts: vec![512, 4096] }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ContextTimes {
+    pub context: usize,
+    pub identity_tok_s: f64,
+    pub probe_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub probe_over_identity: f64,
+    pub decode_over_identity: f64,
+    pub decode_over_probe: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RotationReport {
+    pub model: String,
+    pub machine: String,
+    pub rounds: usize,
+    pub contexts: Vec<ContextTimes>,
+    pub probe_over_identity_ctx512: Option<f64>,
+    pub probe_over_identity_ctx4096: Option<f64>,
+    pub decode_over_probe_ctx4096: Option<f64>,
+    pub kframe_tok_s: f64,
+    pub candle_tok_s: f64,
+    pub kframe_over_candle: f64,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<f64> {
+    let start = Instant::now();
+    f()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// A one-line description of this machine for reports.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{cpu}, {cores} cores, {}", std::env::consts::OS)
+}
+
+pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> Result<RotationReport> {
+    let device = Device::Cpu;
+    let cfg = synth::qwen25_3b_layer_config(opts.layers, opts.vocab_size);
+    progress("building random Qwen2.5-3B-shaped weights");
+    let weights = synth::random_weights(&cfg, 1, DType::F32, &device)?;
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &device);
+    let model = Qwen2::new(&cfg, vb.clone())?;
+    let ring = Keyring::new(MasterSecret::random(), model.rotation_shape(), DType::F32, false, device.clone(), 4);
+    let tenant = ring.frame("bench-tenant", 0)?;
+    let token = [42u32];
+
+    let mut contexts = Vec::new();
+    for &ctx in &opts.contexts {
+        progress(&format!("decode at context {ctx}"));
+        let runs: [(&Frame, Variant); 3] =
+            [(&Frame::Identity, Variant::ProbeTime), (&tenant, Variant::ProbeTime), (&tenant, Variant::DecodeTime)];
+        let mut caches: Vec<KvCache> = runs.iter().map(|_| model.new_cache(KvPrecision::Native)).collect();
+        for cache in &mut caches {
+            cache.fill_random(ctx)?;
+        }
+        let mut times = vec![Vec::new(); runs.len()];
+        for round in 0..opts.rounds + 2 {
+            for (i, (frame, variant)) in runs.iter().enumerate() {
+                let cache = &mut caches[i];
+                let dt = time(|| model.forward(&token, cache, frame, *variant))?;
+                cache.truncate(ctx)?;
+                if round >= 2 {
+                    times[i].push(dt); // the first two rounds warm caches and allocators
+                }
+            }
+        }
+        let [id, probe, decode] = [0, 1, 2].map(|i| 1.0 / median(times[i].clone()));
+        contexts.push(ContextTimes {
+            context: ctx,
+            identity_tok_s: id,
+            probe_tok_s: probe,
+            decode_tok_s: decode,
+            probe_over_identity: probe / id,
+            decode_over_identity: decode / id,
+            decode_over_probe: decode / probe,
+        });
+    }
+
+    // kframe (identity) against candle-transformers' qwen2 on the same weights,
+    // both decoding after the same 512-token prefill, steps interleaved.
+    progress("prefill 512 tokens in kframe and in candle-transformers qwen2");
+    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919) % cfg.vocab_size as u32).collect();
+    let mut reference = ModelForCausalLM::new(&cfg.to_candle(), vb)?;
+    let mut cache = model.new_cache(KvPrecision::Native);
+    model.forward(&prompt, &mut cache, &Frame::Identity, Variant::ProbeTime)?;
+    reference.forward(&Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?, 0)?;
+    progress("decode steps, kframe vs candle");
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for step in 0..opts.rounds + 2 {
+        let pos = prompt.len() + step;
+        let t_ours = time(|| model.forward(&token, &mut cache, &Frame::Identity, Variant::ProbeTime))?;
+        let ids = Tensor::new(&token, &device)?.unsqueeze(0)?;
+        let t_theirs = time(|| Ok(reference.forward(&ids, pos)?))?;
+        if step >= 2 {
+            ours.push(t_ours);
+            theirs.push(t_theirs);
+        }
+    }
+    let (kframe_tok_s, candle_tok_s) = (1.0 / median(ours), 1.0 / median(theirs));
+    let at = |ctx: usize, f: fn(&ContextTimes) -> f64| contexts.iter().find(|c| c.context == ctx).map(f);
+    Ok(RotationReport {
+        model: format!(
+            "random Qwen2 with Qwen2.5-3B layer shape: {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, intermediate {}, vocab {}, f32",
+            cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.intermediate_size, cfg.vocab_size
+        ),
+        machine: machine(),
+        rounds: opts.rounds,
+        probe_over_identity_ctx512: at(512, |c| c.probe_over_identity),
+        probe_over_identity_ctx4096: at(4096, |c| c.probe_over_identity),
+        decode_over_probe_ctx4096: at(4096, |c| c.decode_over_probe),
+        contexts,
+        kframe_tok_s,
+        candle_tok_s,
+        kframe_over_candle: kframe_tok_s / candle_tok_s,
+    })
+}
+
+impl RotationReport {
+    pub fn to_text(&self) -> String {
+        let mut s = format!("model: {}\nmachine: {}\nrounds: {} (medians)\n\n", self.model, self.machine, self.rounds);
+        s += "context  identity tok/s  probe-time tok/s  decode-time tok/s  probe/identity  decode/identity\n";
+        for c in &self.contexts {
+            s += &format!(
+                "{:>7}  {:>14.2}  {:>16.2}  {:>17.2}  {:>14.3}  {:>15.3}\n",
+                c.context, c.identity_tok_s, c.probe_tok_s, c.decode_tok_s, c.probe_over_identity, c.decode_over_identity
+            );
+        }
+        s += &format!(
+            "\nkframe (identity) {:.2} tok/s vs candle-transformers qwen2 {:.2} tok/s at context 512: kframe/candle = {:.3}\n",
+            self.kframe_tok_s, self.candle_tok_s, self.kframe_over_candle
+        );
+        s
+    }
+}

@@ -1,0 +1,232 @@
+//! One sequence's attention cache: rotated K and V for every layer.
+//!
+//! Vectors are written already rotated into the sequence's frame (see
+//! [`crate::rotation`]); the plaintext never lands here. Buffers are preallocated
+//! and grown by doubling, so a decode step writes one row instead of copying the
+//! whole cache. Every buffer is zeroed before it is released.
+//!
+//! Precision: in `Native` mode rotated values are kept in the model's dtype. In
+//! `Exact` mode they are kept in f64, which makes the matched-key round trip
+//! `R^T (R k)` give back an f16/bf16 (and in practice f32) `k` bit for bit, at the
+//! cost of 8 bytes per element and a cast to the compute dtype when attention reads.
+
+use crate::rotation::Frame;
+use candle_core::{DType, Device, Result, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KvPrecision {
+    /// Rotated values in the model's dtype (f32 on CPU): smallest; round trip to
+    /// within a few ulp.
+    #[default]
+    Native,
+    /// Rotated values in f64: the round trip is bit-exact in f16/bf16.
+    Exact,
+}
+
+/// The shape of a model's cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheShape {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub max_len: usize,
+}
+
+struct LayerKv {
+    /// (kv heads, capacity, d), in the storage dtype.
+    k: Tensor,
+    v: Tensor,
+}
+
+pub struct KvCache {
+    shape: CacheShape,
+    /// The dtype of the plaintext K and V the model computes.
+    plain: DType,
+    /// The dtype rotated values are stored in.
+    store: DType,
+    device: Device,
+    layers: Vec<Option<LayerKv>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(shape: CacheShape, plain: DType, precision: KvPrecision, device: &Device) -> Self {
+        let store = match precision {
+            KvPrecision::Native => plain,
+            KvPrecision::Exact => DType::F64,
+        };
+        Self { shape, plain, store, device: device.clone(), layers: (0..shape.layers).map(|_| None).collect(), len: 0 }
+    }
+
+    /// Tokens cached (every layer holds this many after a forward pass).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn store_dtype(&self) -> DType {
+        self.store
+    }
+
+    pub fn plain_dtype(&self) -> DType {
+        self.plain
+    }
+
+    /// Bytes of cached K and V actually in use.
+    pub fn bytes(&self) -> usize {
+        2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * self.len * self.store.size_in_bytes()
+    }
+
+    /// Writes (kv, t, d) rotated rows at `pos` of `layer`, growing the buffer if needed.
+    pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let t = k.dim(1)?;
+        let needed = pos + t;
+        let CacheShape { kv_heads, head_dim, max_len, .. } = self.shape;
+        let capacity = self.layers[layer].as_ref().map_or(0, |l| l.k.dim(1).unwrap_or(0));
+        if needed > capacity {
+            let new_cap = needed.next_power_of_two().max(64).min(max_len.max(needed));
+            let k_new = Tensor::zeros((kv_heads, new_cap, head_dim), self.store, &self.device)?;
+            let v_new = Tensor::zeros((kv_heads, new_cap, head_dim), self.store, &self.device)?;
+            if let Some(old) = self.layers[layer].take() {
+                if pos > 0 {
+                    k_new.slice_set(&old.k.narrow(1, 0, pos)?.contiguous()?, 1, 0)?;
+                    v_new.slice_set(&old.v.narrow(1, 0, pos)?.contiguous()?, 1, 0)?;
+                }
+                old.k.zero_set()?;
+                old.v.zero_set()?;
+            }
+            self.layers[layer] = Some(LayerKv { k: k_new, v: v_new });
+        }
+        let buf = self.layers[layer].as_ref().expect("allocated above");
+        buf.k.slice_set(&k.to_dtype(self.store)?.contiguous()?, 1, pos)?;
+        buf.v.slice_set(&v.to_dtype(self.store)?.contiguous()?, 1, pos)?;
+        Ok(())
+    }
+
+    /// The first `len` rotated rows of `layer` as (kv, len, d) in the storage dtype.
+    pub fn rotated(&self, layer: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        match &self.layers[layer] {
+            Some(buf) => Ok((buf.k.narrow(1, 0, len)?, buf.v.narrow(1, 0, len)?)),
+            None => candle_core::bail!("layer {layer} of the cache is empty"),
+        }
+    }
+
+    /// Sets the cached length after a forward pass wrote every layer.
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.len = len;
+    }
+
+    /// Forgets tokens past `len` (their rows are zeroed): reuse of a shorter prefix,
+    /// benchmarks that hold the context fixed.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for buf in self.layers.iter().flatten() {
+            let tail = self.len - len;
+            let zeros = Tensor::zeros((self.shape.kv_heads, tail, self.shape.head_dim), self.store, &self.device)?;
+            buf.k.slice_set(&zeros, 1, len)?;
+            buf.v.slice_set(&zeros, 1, len)?;
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// The matched-key round trip: the plaintext K and V of `layer`, recovered with
+    /// the frame the cache was written in, as (kv, len, d) in the plaintext dtype.
+    pub fn recover(&self, layer: usize, frame: &Frame) -> Result<(Tensor, Tensor)> {
+        let (k, v) = self.rotated(layer, self.len)?;
+        let (k, v) = match frame.layer(layer) {
+            None => (k, v),
+            Some(rot) => rot.unrotate_kv(&k.contiguous()?, &v.contiguous()?)?,
+        };
+        let (k, v) = if self.store == DType::F64 { (snap_zeros(&k)?, snap_zeros(&v)?) } else { (k, v) };
+        Ok((k.to_dtype(self.plain)?, v.to_dtype(self.plain)?))
+    }
+
+    /// Fills the cache to `len` tokens with random rotated rows: benchmarks measure
+    /// decode at a long context without paying for the prefill.
+    pub fn fill_random(&mut self, len: usize) -> Result<()> {
+        let CacheShape { layers, kv_heads, head_dim, .. } = self.shape;
+        for layer in 0..layers {
+            let k = Tensor::randn(0f32, 1f32, (kv_heads, len, head_dim), &self.device)?;
+            let v = Tensor::randn(0f32, 1f32, (kv_heads, len, head_dim), &self.device)?;
+            self.write(layer, 0, &k, &v)?;
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
+/// Sets to zero the elements of f64 rows (kv, len, d) that lie within the round
+/// trip's rounding error of zero.
+///
+/// `R^T (R k)` in f64 returns each element to within about `d * eps * |k|`, which
+/// rounds back to the plaintext dtype bit for bit, except where the plaintext is
+/// exactly zero: there the residue survives in bf16 and f32, whose range reaches
+/// 1e-15. Elements below `4 d eps |k|` are therefore taken as zero. This is exact
+/// unless a plaintext element is nonzero yet 2^-40 times smaller than its vector's
+/// norm, which the f32-accumulated projections that produce K and V do not emit,
+/// or is a negative zero.
+fn snap_zeros(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(2)?;
+    let bound = (x.sqr()?.sum_keepdim(2)?.sqrt()? * (4.0 * d as f64 * f64::EPSILON))?;
+    let small = x.abs()?.broadcast_le(&bound)?;
+    small.where_cond(&x.zeros_like()?, x)
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        for buf in self.layers.iter().flatten() {
+            let _ = buf.k.zero_set();
+            let _ = buf.v.zero_set();
+        }
+    }
+}
+
+/// How closely a recovered tensor matches the plaintext it came from.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RoundTrip {
+    pub elements: usize,
+    pub bit_exact: usize,
+    pub max_abs_err: f64,
+}
+
+impl RoundTrip {
+    /// Compares two tensors of the same dtype element by element, bit for bit.
+    pub fn compare(plain: &Tensor, recovered: &Tensor) -> Result<Self> {
+        if plain.dtype() != recovered.dtype() || plain.shape() != recovered.shape() {
+            candle_core::bail!("round trip: {:?}{:?} vs {:?}{:?}", plain.dtype(), plain.shape(), recovered.dtype(), recovered.shape());
+        }
+        let bits = |t: &Tensor| -> Result<Vec<u64>> {
+            let t = t.flatten_all()?;
+            Ok(match t.dtype() {
+                DType::F16 => t.to_vec1::<half::f16>()?.into_iter().map(|x| x.to_bits() as u64).collect(),
+                DType::BF16 => t.to_vec1::<half::bf16>()?.into_iter().map(|x| x.to_bits() as u64).collect(),
+                DType::F32 => t.to_vec1::<f32>()?.into_iter().map(|x| x.to_bits() as u64).collect(),
+                DType::F64 => t.to_vec1::<f64>()?.into_iter().map(f64::to_bits).collect(),
+                other => candle_core::bail!("round trip: unsupported dtype {other:?}"),
+            })
+        };
+        let (a, b) = (bits(plain)?, bits(recovered)?);
+        let bit_exact = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        let diff = (plain.to_dtype(DType::F64)? - recovered.to_dtype(DType::F64)?)?;
+        let max_abs_err = diff.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        Ok(Self { elements: a.len(), bit_exact, max_abs_err })
+    }
+
+    pub fn merge(self, other: Self) -> Self {
+        Self {
+            elements: self.elements + other.elements,
+            bit_exact: self.bit_exact + other.bit_exact,
+            max_abs_err: self.max_abs_err.max(other.max_abs_err),
+        }
+    }
+
+    pub fn is_bit_exact(&self) -> bool {
+        self.bit_exact == self.elements
+    }
+}

@@ -1,0 +1,66 @@
+//! Choosing the compute device and dtype. CPU needs no feature; `cuda` and `metal`
+//! are cargo features passed through to candle.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA if built with it and a GPU is present, else Metal likewise, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Metal,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DtypeArg {
+    /// f32 on CPU, bf16 on CUDA, f16 on Metal.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+pub fn select(arg: DeviceArg) -> Result<Device> {
+    let unavailable = |name: &str, why: String| Error::Device(name.into(), why);
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda if !cfg!(feature = "cuda") => {
+            Err(unavailable("cuda", "kframe was built without the `cuda` feature".into()))
+        }
+        DeviceArg::Metal if !cfg!(feature = "metal") => {
+            Err(unavailable("metal", "kframe was built without the `metal` feature".into()))
+        }
+        DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| unavailable("cuda", e.to_string())),
+        DeviceArg::Metal => Device::new_metal(0).map_err(|e| unavailable("metal", e.to_string())),
+        DeviceArg::Auto => {
+            if cfg!(feature = "cuda") {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            if cfg!(feature = "metal") {
+                if let Ok(d) = Device::new_metal(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+pub fn dtype(arg: DtypeArg, device: &Device) -> DType {
+    match arg {
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::F16 => DType::F16,
+        DtypeArg::Bf16 => DType::BF16,
+        DtypeArg::Auto => match device {
+            Device::Cpu => DType::F32,
+            Device::Cuda(_) => DType::BF16,
+            Device::Metal(_) => DType::F16,
+        },
+    }
+}

@@ -1,0 +1,125 @@
+//! Generating text for one sequence in one frame: encode, prefill, decode, sample,
+//! stream. The multi-tenant scheduler builds on the same model calls.
+
+use crate::cache::KvPrecision;
+use crate::error::{Error, Result};
+use crate::model::load::ModelDir;
+use crate::model::{Qwen2, Variant};
+use crate::rotation::Frame;
+use candle_core::{DType, Device};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use tokenizers::Tokenizer;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    pub max_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { max_tokens: 64, temperature: 0.0, top_p: None, seed: 0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token.
+    Stop,
+    /// max_tokens, or the model's context window.
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+}
+
+pub struct Generator {
+    pub model: Qwen2,
+    pub tokenizer: Tokenizer,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Generator {
+    pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            model: dir.load_model(dtype, device)?,
+            tokenizer: dir.load_tokenizer()?,
+            eos_token_ids: dir.eos_token_ids.clone(),
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, tokens: &[u32]) -> Result<String> {
+        self.tokenizer.decode(tokens, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Prefills `prompt` in `frame`, then decodes until an end-of-sequence token,
+    /// `max_tokens` or the context window. `on_text` receives each new piece of
+    /// text as soon as it forms whole characters.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        frame: &Frame,
+        variant: Variant,
+        precision: KvPrecision,
+        params: &SamplingParams,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let max_len = self.model.config().max_position_embeddings;
+        if prompt.len() > max_len {
+            return Err(Error::ContextTooLong { needed: prompt.len(), max: max_len });
+        }
+        let sampling = match (params.temperature, params.top_p) {
+            (t, _) if t <= 0.0 => Sampling::ArgMax,
+            (temperature, Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
+            (temperature, _) => Sampling::All { temperature },
+        };
+        let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling);
+        let mut cache = self.model.new_cache(precision);
+        let mut logits = self.model.forward(prompt, &mut cache, frame, variant)?;
+        let mut tokens = Vec::new();
+        let mut emitted = 0;
+        let finish = loop {
+            if tokens.len() >= params.max_tokens {
+                break FinishReason::Length;
+            }
+            let next = sampler.sample(&logits)?;
+            if self.eos_token_ids.contains(&next) {
+                break FinishReason::Stop;
+            }
+            tokens.push(next);
+            let text = self.decode(&tokens)?;
+            // A multi-byte character split across tokens decodes as U+FFFD until
+            // its last byte arrives.
+            if text.len() > emitted && text.is_char_boundary(emitted) && !text.ends_with('\u{FFFD}') {
+                on_text(&text[emitted..]);
+                emitted = text.len();
+            }
+            if tokens.len() >= params.max_tokens || cache.len() >= max_len {
+                break FinishReason::Length;
+            }
+            logits = self.model.forward(&[next], &mut cache, frame, variant)?;
+        };
+        let text = self.decode(&tokens)?;
+        if text.len() > emitted && text.is_char_boundary(emitted) {
+            on_text(&text[emitted..]);
+        }
+        Ok(Generation { prompt_tokens: prompt.len(), tokens, text, finish })
+    }
+}

@@ -1,0 +1,312 @@
+//! kframe's Qwen2 forward pass, with each sequence's K and V rotated into its
+//! frame between RoPE and the cache write.
+//!
+//! The structure follows candle-transformers' `qwen2.rs` (and reuses candle-nn's
+//! layers) so that with the identity frame the logits match it; attention differs
+//! in three ways: the cache is written rotated, GQA groups query heads per kv head
+//! instead of copying K and V (`repeat_kv`), and the cache is preallocated instead of
+//! concatenated every step.
+
+pub mod config;
+pub mod load;
+pub mod synth;
+
+pub use config::Config;
+
+use crate::cache::{CacheShape, KvCache, KvPrecision};
+use crate::error::{Error, Result};
+use crate::rotation::{Frame, RotationShape};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+/// Where attention applies a tenant's rotation (DESIGN.md section 3). Both give
+/// the same tokens; they differ in cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+pub enum Variant {
+    /// Rotate the queries and un-rotate the output: O(heads * d^2) a step.
+    #[default]
+    ProbeTime,
+    /// Un-rotate the whole cache for a standard kernel: O(context * d^2) a step.
+    DecodeTime,
+}
+
+/// The plaintext K and V each layer wrote in one forward pass, as (kv, t, d):
+/// for round-trip checks and the eval harness, never stored by serving.
+#[derive(Default)]
+pub struct Trace {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+}
+
+struct Rope {
+    /// (max_position_embeddings, head_dim / 2)
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        let d = cfg.head_dim;
+        let inv_freq: Vec<f32> =
+            (0..d).step_by(2).map(|i| 1f32 / cfg.rope_theta.powf(i as f64 / d as f64) as f32).collect();
+        let n = cfg.max_position_embeddings;
+        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), device)?;
+        let t = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+        let freqs = t.matmul(&inv_freq)?;
+        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+
+    /// x: (1, heads, t, d) -> same, rotated for positions pos..pos+t.
+    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: candle_nn::Activation,
+}
+
+struct Layer {
+    attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+/// Everything one layer's attention needs besides its input.
+struct Step<'a> {
+    rope: &'a Rope,
+    pos: usize,
+    mask: Option<&'a Tensor>,
+    frame: &'a Frame,
+    variant: Variant,
+}
+
+pub struct Qwen2 {
+    cfg: Config,
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl Qwen2 {
+    /// Builds the model from Hugging Face tensor names (`model.layers.N...`).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let vm = vb.pp("model");
+        let embed_tokens = candle_nn::embedding(cfg.vocab_size, h, vm.pp("embed_tokens"))?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let vl = vm.pp("layers").pp(i);
+            let va = vl.pp("self_attn");
+            let vp = vl.pp("mlp");
+            let attn = Attention {
+                q_proj: candle_nn::linear(h, cfg.num_attention_heads * d, va.pp("q_proj"))?,
+                k_proj: candle_nn::linear(h, cfg.num_key_value_heads * d, va.pp("k_proj"))?,
+                v_proj: candle_nn::linear(h, cfg.num_key_value_heads * d, va.pp("v_proj"))?,
+                o_proj: candle_nn::linear_no_bias(cfg.num_attention_heads * d, h, va.pp("o_proj"))?,
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: d,
+            };
+            let mlp = Mlp {
+                gate_proj: candle_nn::linear_no_bias(h, cfg.intermediate_size, vp.pp("gate_proj"))?,
+                up_proj: candle_nn::linear_no_bias(h, cfg.intermediate_size, vp.pp("up_proj"))?,
+                down_proj: candle_nn::linear_no_bias(cfg.intermediate_size, h, vp.pp("down_proj"))?,
+                act: cfg.hidden_act,
+            };
+            layers.push(Layer {
+                attn,
+                mlp,
+                input_layernorm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vl.pp("input_layernorm"))?,
+                post_attention_layernorm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vl.pp("post_attention_layernorm"))?,
+            });
+        }
+        let norm = candle_nn::rms_norm(h, cfg.rms_norm_eps, vm.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        let rope = Rope::new(cfg, vb.dtype(), vb.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn rotation_shape(&self) -> RotationShape {
+        RotationShape { layers: self.cfg.num_hidden_layers, kv_heads: self.cfg.num_key_value_heads, head_dim: self.cfg.head_dim }
+    }
+
+    /// An empty cache for one sequence of this model.
+    pub fn new_cache(&self, precision: KvPrecision) -> KvCache {
+        let shape = CacheShape {
+            layers: self.cfg.num_hidden_layers,
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+            max_len: self.cfg.max_position_embeddings,
+        };
+        KvCache::new(shape, self.dtype, precision, &self.device)
+    }
+
+    /// Runs `tokens` after what `cache` holds, in `frame`; returns the f32 logits of
+    /// the last position, shape (vocab).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, frame: &Frame, variant: Variant) -> Result<Tensor> {
+        self.forward_traced(tokens, cache, frame, variant, None)
+    }
+
+    pub fn forward_traced(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        frame: &Frame,
+        variant: Variant,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        self.check_input(tokens, cache.len())?;
+        let pos = cache.len();
+        let t = tokens.len();
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?; // (1, t)
+        let mask = if t > 1 { Some(causal_mask(t, pos, self.dtype, &self.device)?) } else { None };
+        let step = Step { rope: &self.rope, pos, mask: mask.as_ref(), frame, variant };
+        let mut xs = self.embed_tokens.forward(&ids)?; // (1, t, hidden)
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, i, &step, cache, trace.as_deref_mut())?;
+        }
+        cache.set_len(pos + t);
+        let last = xs.narrow(1, t - 1, 1)?.apply(&self.norm)?; // (1, 1, hidden)
+        Ok(last.apply(&self.lm_head)?.flatten_all()?.to_dtype(DType::F32)?)
+    }
+
+    fn check_input(&self, tokens: &[u32], cached: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let vocab_size = self.cfg.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(Error::UnknownToken { id, vocab_size });
+        }
+        let needed = cached + tokens.len();
+        if needed > self.cfg.max_position_embeddings {
+            return Err(Error::ContextTooLong { needed, max: self.cfg.max_position_embeddings });
+        }
+        Ok(())
+    }
+}
+
+/// (t, pos + t): 0 where query i (at position pos + i) may see key j, -inf after.
+fn causal_mask(t: usize, pos: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let len = pos + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..len).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, len), device)?.to_dtype(dtype)
+}
+
+impl Layer {
+    fn forward(&self, xs: &Tensor, index: usize, step: &Step, cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+        let residual = xs;
+        let h = self.input_layernorm.forward(xs)?;
+        let h = self.attn.forward(&h, index, step, cache, trace)?;
+        let xs = (h + residual)?;
+        let residual = &xs;
+        let h = self.post_attention_layernorm.forward(&xs)?;
+        let m = self.mlp.gate_proj.forward(&h)?.apply(&self.mlp.act)?;
+        let m = (m * self.mlp.up_proj.forward(&h)?)?.apply(&self.mlp.down_proj)?;
+        Ok((residual + m)?)
+    }
+}
+
+impl Attention {
+    fn forward(&self, xs: &Tensor, index: usize, step: &Step, cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?; // b == 1: one sequence
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let g = h / kv;
+        let q = self.q_proj.forward(xs)?.reshape((b, t, h, d))?.transpose(1, 2)?; // (1, h, t, d)
+        let k = self.k_proj.forward(xs)?.reshape((b, t, kv, d))?.transpose(1, 2)?; // (1, kv, t, d)
+        let v = self.v_proj.forward(xs)?.reshape((b, t, kv, d))?.transpose(1, 2)?;
+        let q = step.rope.apply(&q, step.pos)?.squeeze(0)?; // (h, t, d)
+        let k = step.rope.apply(&k, step.pos)?.squeeze(0)?; // (kv, t, d)
+        let v = v.squeeze(0)?.contiguous()?; // (kv, t, d)
+        if let Some(trace) = trace {
+            trace.k.push(k.clone());
+            trace.v.push(v.clone());
+        }
+
+        // The cache only ever receives rotated K and V.
+        let rot = step.frame.layer(index);
+        let (k_store, v_store) = match rot {
+            None => (k, v),
+            Some(r) => r.rotate_kv(&k, &v, cache.store_dtype())?,
+        };
+        cache.write(index, step.pos, &k_store, &v_store)?;
+        let len = step.pos + t;
+        let (keys, values) = cache.rotated(index, len)?; // (kv, len, d), storage dtype
+        let (keys, values) = (keys.to_dtype(xs.dtype())?, values.to_dtype(xs.dtype())?);
+
+        // Query heads grouped by their kv head: (kv, g * t, d). Head i uses kv head
+        // i / g, as repeat_kv lays them out.
+        let q = q.reshape((kv, g * t, d))?;
+        let (q, keys, values) = match (rot, step.variant) {
+            (None, _) => (q, keys, values),
+            (Some(r), Variant::ProbeTime) => (r.rotate_q(&q)?, keys, values),
+            (Some(r), Variant::DecodeTime) => {
+                let (k, v) = r.unrotate_kv(&keys.contiguous()?, &values.contiguous()?)?;
+                (q, k, v)
+            }
+        };
+        let scale = 1f64 / (d as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?; // (kv, g * t, len)
+        let scores = match step.mask {
+            None => scores,
+            Some(mask) => scores.reshape((kv, g, t, len))?.broadcast_add(mask)?.reshape((kv, g * t, len))?,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&values)?; // (kv, g * t, d)
+        let out = match (rot, step.variant) {
+            (Some(r), Variant::ProbeTime) => r.unrotate_out(&out)?,
+            _ => out,
+        };
+        let out = out.reshape((h, t, d))?.transpose(0, 1)?.reshape((b, t, h * d))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}

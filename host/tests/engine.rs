@@ -1,0 +1,243 @@
+//! The rotated-attention engine against candle-transformers' qwen2, across keys,
+//! variants and cache precisions, on random-weight models written as real
+//! Hugging Face directories.
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::qwen2::ModelForCausalLM;
+use kframe::cache::{KvPrecision, RoundTrip};
+use kframe::keys::MasterSecret;
+use kframe::model::load::ModelDir;
+use kframe::model::{synth, Config, Qwen2, Trace, Variant};
+use kframe::rotation::{Frame, Keyring};
+use kframe::Error;
+use tempfile::TempDir;
+
+fn model_dir(cfg: &Config) -> (TempDir, ModelDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    synth::write_model_dir(tmp.path(), cfg, 11).unwrap();
+    let dir = ModelDir::open(tmp.path()).unwrap();
+    (tmp, dir)
+}
+
+fn keyring(model: &Qwen2, exact: bool) -> Keyring {
+    Keyring::new(MasterSecret::from_bytes([5; 32]), model.rotation_shape(), model.dtype(), exact, Device::Cpu, 8)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn argmax(logits: &Tensor) -> u32 {
+    logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+const PROMPT: [u32; 12] = [72, 101, 108, 108, 111, 44, 32, 116, 101, 110, 97, 110];
+
+fn identity_matches_candle(cfg: Config) {
+    let (_tmp, dir) = model_dir(&cfg);
+    let model = dir.load_model(DType::F32, &Device::Cpu).unwrap();
+    let mut reference = ModelForCausalLM::new(&cfg.to_candle(), dir.var_builder(DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let mut cache = model.new_cache(KvPrecision::Native);
+    let ours = model.forward(&PROMPT, &mut cache, &Frame::Identity, Variant::ProbeTime).unwrap();
+    let ids = Tensor::new(&PROMPT, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let theirs = reference.forward(&ids, 0).unwrap().flatten_all().unwrap();
+    let mut worst = max_abs_diff(&ours, &theirs);
+    let mut next = argmax(&ours);
+    for step in 0..20 {
+        let ours = model.forward(&[next], &mut cache, &Frame::Identity, Variant::ProbeTime).unwrap();
+        let ids = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let theirs = reference.forward(&ids, PROMPT.len() + step).unwrap().flatten_all().unwrap();
+        worst = worst.max(max_abs_diff(&ours, &theirs));
+        next = argmax(&ours);
+    }
+    assert!(worst <= 1e-4, "max |kframe - candle| over prefill and 20 decode steps = {worst}");
+}
+
+#[test]
+fn identity_key_logits_match_candle_qwen2_for_prefill_and_20_decode_steps() {
+    identity_matches_candle(synth::tiny_config());
+}
+
+#[test]
+fn identity_key_matches_candle_with_tied_embeddings_and_plain_mha() {
+    let cfg = Config { tie_word_embeddings: true, num_key_value_heads: 4, ..synth::tiny_config() };
+    identity_matches_candle(cfg);
+}
+
+/// Greedy tokens and per-step logits of a run that feeds back its own argmax.
+fn greedy(model: &Qwen2, frame: &Frame, variant: Variant, precision: KvPrecision, steps: usize) -> (Vec<u32>, Vec<Tensor>) {
+    let mut cache = model.new_cache(precision);
+    let mut logits = model.forward(&PROMPT, &mut cache, frame, variant).unwrap();
+    let (mut tokens, mut all) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let next = argmax(&logits);
+        tokens.push(next);
+        all.push(logits);
+        logits = model.forward(&[next], &mut cache, frame, variant).unwrap();
+    }
+    (tokens, all)
+}
+
+#[test]
+fn tenant_keys_give_identity_greedy_tokens_for_32_steps_in_both_variants() {
+    let (_tmp, dir) = model_dir(&synth::tiny_config());
+    let model = dir.load_model(DType::F32, &Device::Cpu).unwrap();
+    let (want, want_logits) = greedy(&model, &Frame::Identity, Variant::ProbeTime, KvPrecision::Native, 32);
+    let ring = keyring(&model, true);
+    for tenant in ["alice", "bob"] {
+        let frame = ring.frame(tenant, 0).unwrap();
+        for variant in [Variant::ProbeTime, Variant::DecodeTime] {
+            for precision in [KvPrecision::Native, KvPrecision::Exact] {
+                let (got, logits) = greedy(&model, &frame, variant, precision, 32);
+                assert_eq!(got, want, "{tenant} {variant:?} {precision:?}");
+                let worst = logits.iter().zip(&want_logits).map(|(a, b)| max_abs_diff(a, b)).fold(0f32, f32::max);
+                assert!(worst <= 1e-3, "{tenant} {variant:?} {precision:?}: max logit diff {worst}");
+            }
+        }
+    }
+}
+
+/// Runs a prompt and 4 decode steps, keeping the plaintext K and V each layer wrote.
+fn traced_run(model: &Qwen2, frame: &Frame, precision: KvPrecision) -> (kframe::cache::KvCache, Vec<Tensor>, Vec<Tensor>) {
+    let mut cache = model.new_cache(precision);
+    let layers = model.config().num_hidden_layers;
+    let (mut ks, mut vs) = (vec![Vec::new(); layers], vec![Vec::new(); layers]);
+    let mut tokens = PROMPT.to_vec();
+    for _ in 0..5 {
+        let mut trace = Trace::default();
+        let logits = model.forward_traced(&tokens, &mut cache, frame, Variant::ProbeTime, Some(&mut trace)).unwrap();
+        for l in 0..layers {
+            ks[l].push(trace.k[l].clone());
+            vs[l].push(trace.v[l].clone());
+        }
+        tokens = vec![argmax(&logits)];
+    }
+    let cat = |parts: Vec<Vec<Tensor>>| parts.into_iter().map(|p| Tensor::cat(&p, 1).unwrap()).collect::<Vec<_>>();
+    (cache, cat(ks), cat(vs))
+}
+
+fn round_trip(dtype: DType, precision: KvPrecision) -> RoundTrip {
+    let (_tmp, dir) = model_dir(&synth::tiny_config());
+    let model = dir.load_model(dtype, &Device::Cpu).unwrap();
+    let frame = keyring(&model, precision == KvPrecision::Exact).frame("alice", 3).unwrap();
+    let (cache, plain_k, plain_v) = traced_run(&model, &frame, precision);
+    assert_eq!(cache.len(), PROMPT.len() + 4);
+    let mut total: Option<RoundTrip> = None;
+    for layer in 0..model.config().num_hidden_layers {
+        let (k, v) = cache.recover(layer, &frame).unwrap();
+        let rt = RoundTrip::compare(&plain_k[layer], &k).unwrap().merge(RoundTrip::compare(&plain_v[layer], &v).unwrap());
+        total = Some(total.map_or(rt, |t| t.merge(rt)));
+    }
+    total.unwrap()
+}
+
+#[test]
+fn round_trip_is_bit_exact_for_f16_and_bf16_caches_over_every_layer_and_head() {
+    for dtype in [DType::F16, DType::BF16] {
+        let rt = round_trip(dtype, KvPrecision::Exact);
+        assert!(rt.elements > 0);
+        assert!(rt.is_bit_exact(), "{dtype:?}: {rt:?}");
+    }
+}
+
+#[test]
+fn native_f32_round_trip_error_is_within_a_few_ulp() {
+    let rt = round_trip(DType::F32, KvPrecision::Native);
+    eprintln!("f32 native round trip: {rt:?}, bit-exact share {:.4}", rt.bit_exact as f64 / rt.elements as f64);
+    assert!(rt.max_abs_err < 1e-4, "{rt:?}");
+    let exact = round_trip(DType::F32, KvPrecision::Exact);
+    eprintln!("f32 exact round trip: {exact:?}");
+    assert!(exact.max_abs_err <= rt.max_abs_err);
+}
+
+/// What sits in a tenant's cache is not the plaintext: each cached row's cosine
+/// with its plaintext row is at the 1/sqrt(d) noise level.
+#[test]
+fn tenant_cache_holds_no_plaintext_rows() {
+    let (_tmp, dir) = model_dir(&synth::tiny_config());
+    let model = dir.load_model(DType::F32, &Device::Cpu).unwrap();
+    let frame = keyring(&model, false).frame("alice", 0).unwrap();
+    let (cache, plain_k, _) = traced_run(&model, &frame, KvPrecision::Native);
+    for (layer, plain) in plain_k.iter().enumerate() {
+        let (stored, _) = cache.rotated(layer, cache.len()).unwrap();
+        let dot = (stored.contiguous().unwrap() * plain).unwrap().sum(2).unwrap();
+        let norms = (stored.sqr().unwrap().sum(2).unwrap() * plain.sqr().unwrap().sum(2).unwrap()).unwrap().sqrt().unwrap();
+        let worst = (dot / norms).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(worst < 0.5, "layer {layer}: a cached row has cosine {worst} with its plaintext");
+    }
+}
+
+#[test]
+fn bad_token_input_is_a_clear_error() {
+    let cfg = synth::tiny_config();
+    let (_tmp, dir) = model_dir(&cfg);
+    let model = dir.load_model(DType::F32, &Device::Cpu).unwrap();
+    let mut cache = model.new_cache(KvPrecision::Native);
+    let f = &Frame::Identity;
+    let err = model.forward(&[], &mut cache, f, Variant::ProbeTime).unwrap_err();
+    assert!(matches!(err, Error::EmptyPrompt), "{err}");
+    let err = model.forward(&[1, 512], &mut cache, f, Variant::ProbeTime).unwrap_err();
+    assert!(matches!(err, Error::UnknownToken { id: 512, vocab_size: 512 }), "{err}");
+    let long = vec![1u32; cfg.max_position_embeddings + 1];
+    let err = model.forward(&long, &mut cache, f, Variant::ProbeTime).unwrap_err();
+    assert!(matches!(err, Error::ContextTooLong { .. }), "{err}");
+    assert_eq!(cache.len(), 0, "a rejected input must leave the cache untouched");
+}
+
+#[test]
+fn missing_or_malformed_model_files_are_clear_errors() {
+    let cfg = synth::tiny_config();
+    let (tmp, _) = model_dir(&cfg);
+    let p = tmp.path();
+
+    std::fs::rename(p.join("config.json"), p.join("config.bak")).unwrap();
+    let err = ModelDir::open(p).err().unwrap();
+    assert!(matches!(err, Error::MissingFile { file: "config.json", .. }), "{err}");
+    std::fs::write(p.join("config.json"), "{\"vocab_size\": ").unwrap();
+    let err = ModelDir::open(p).err().unwrap().to_string();
+    assert!(err.contains("config.json") && err.contains("malformed"), "{err}");
+    std::fs::rename(p.join("config.bak"), p.join("config.json")).unwrap();
+
+    std::fs::rename(p.join("tokenizer.json"), p.join("tokenizer.bak")).unwrap();
+    let err = ModelDir::open(p).err().unwrap();
+    assert!(matches!(err, Error::MissingFile { file: "tokenizer.json", .. }), "{err}");
+    std::fs::rename(p.join("tokenizer.bak"), p.join("tokenizer.json")).unwrap();
+
+    // Weights of the wrong shape: a config that claims a larger hidden size.
+    let wrong = Config { intermediate_size: 2048, ..cfg.clone() };
+    std::fs::write(p.join("config.json"), serde_json::to_string(&wrong.to_json()).unwrap()).unwrap();
+    let err = ModelDir::open(p).unwrap().load_model(DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("shape") && err.contains("mlp"), "{err}");
+
+    // Garbage where the safetensors should be.
+    std::fs::write(p.join("config.json"), serde_json::to_string(&cfg.to_json()).unwrap()).unwrap();
+    std::fs::write(p.join("model.safetensors"), b"not safetensors").unwrap();
+    let err = ModelDir::open(p).unwrap().load_model(DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("loading weights"), "{err}");
+}
+
+#[test]
+fn sharded_safetensors_load_through_the_index() {
+    let cfg = synth::tiny_config();
+    let tmp = tempfile::tempdir().unwrap();
+    synth::write_model_dir(tmp.path(), &cfg, 11).unwrap();
+    let single = ModelDir::open(tmp.path()).unwrap().load_model(DType::F32, &Device::Cpu).unwrap();
+    // Split the one file in two shards plus an index, as transformers does.
+    let all = candle_core::safetensors::load(tmp.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let (mut a, mut b) = (std::collections::HashMap::new(), std::collections::HashMap::new());
+    let mut map = serde_json::Map::new();
+    for (i, (name, t)) in all.into_iter().enumerate() {
+        let shard = if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
+        map.insert(name.clone(), shard.into());
+        if i % 2 == 0 { a.insert(name, t) } else { b.insert(name, t) };
+    }
+    candle_core::safetensors::save(&a, tmp.path().join("model-00001-of-00002.safetensors")).unwrap();
+    candle_core::safetensors::save(&b, tmp.path().join("model-00002-of-00002.safetensors")).unwrap();
+    std::fs::write(tmp.path().join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
+    let dir = ModelDir::open(tmp.path()).unwrap();
+    assert_eq!(dir.weights.len(), 2);
+    let sharded = dir.load_model(DType::F32, &Device::Cpu).unwrap();
+    let run = |m: &Qwen2| m.forward(&PROMPT, &mut m.new_cache(KvPrecision::Native), &Frame::Identity, Variant::ProbeTime).unwrap();
+    assert_eq!(max_abs_diff(&run(&single), &run(&sharded)), 0.0);
+}
