@@ -26,7 +26,7 @@ pub struct RotationBenchOptions {
 
 impl Default for RotationBenchOptions {
     fn default() -> Self {
-        Self { layers: 2, vocab_size: 32_768, rounds: 12, contexts: vec![512, 4096] }
+        Self { layers: 2, vocab_size: 32_768, rounds: 30, contexts: vec![512, 4096] }
     }
 }
 
@@ -98,9 +98,12 @@ pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> 
         }
         let mut times = vec![Vec::new(); runs.len()];
         for round in 0..opts.rounds + 2 {
-            for (i, (frame, variant)) in runs.iter().enumerate() {
+            // Alternate the order so no variant always runs after the same one.
+            let order: Vec<usize> = if round % 2 == 0 { vec![0, 1, 2] } else { vec![2, 1, 0] };
+            for i in order {
+                let (frame, variant) = runs[i];
                 let cache = &mut caches[i];
-                let dt = time(|| model.forward(&token, cache, frame, *variant))?;
+                let dt = time(|| model.forward(&token, cache, frame, variant))?;
                 cache.truncate(ctx)?;
                 if round >= 2 {
                     times[i].push(dt); // the first two rounds warm caches and allocators

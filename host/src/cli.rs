@@ -80,7 +80,7 @@ pub enum BenchCommand {
         json: bool,
         #[arg(long, default_value_t = 2)]
         layers: usize,
-        #[arg(long, default_value_t = 12)]
+        #[arg(long, default_value_t = 30)]
         rounds: usize,
     },
 }

@@ -1,0 +1,105 @@
+//! The `kframe` binary end to end: generate in tenant frames, bad input, the
+//! rotation benchmark's JSON.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn kframe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kframe")).args(args).output().expect("the kframe binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A clean failure: exit code 1, an `error:` line saying `what`, no panic.
+fn assert_clean_error(out: &Output, what: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(err.contains("error:") && err.contains(what), "expected {what:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn synth_model(dir: &Path) {
+    let out = kframe(&["synth-model", "--out", dir.to_str().unwrap(), "--seed", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+fn generate(model: &Path, data: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--max-tokens", "12"];
+    args.extend_from_slice(extra);
+    kframe(&args)
+}
+
+#[test]
+fn generate_in_a_tenant_frame_streams_the_identity_frames_tokens_in_both_variants() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    synth_model(&model);
+    let baseline = generate(&model, &data, &["--prompt", "Hello, tenant"]);
+    assert!(baseline.status.success(), "{}", stderr(&baseline));
+    assert!(!stdout(&baseline).trim().is_empty());
+    for variant in ["probe-time", "decode-time"] {
+        for precision in ["native", "exact"] {
+            let out = generate(
+                &model,
+                &data,
+                &["--prompt", "Hello, tenant", "--tenant", "alice", "--variant", variant, "--kv-precision", precision],
+            );
+            assert!(out.status.success(), "{}", stderr(&out));
+            assert_eq!(stdout(&out), stdout(&baseline), "{variant} {precision}");
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join("master.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the master secret is created private");
+    }
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    synth_model(&model);
+    let args = ["--prompt", "abc", "--tenant", "bob", "--temperature", "0.9", "--top-p", "0.95", "--seed", "7"];
+    let (a, b) = (generate(&model, &data, &args), generate(&model, &data, &args));
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert_eq!(stdout(&a), stdout(&b));
+}
+
+#[test]
+fn generate_reports_bad_input_as_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    synth_model(&model);
+
+    assert_clean_error(&generate(&model, &data, &["--prompt", ""]), "empty");
+    let long = "x".repeat(1100); // one token per byte; the tiny model's window is 1024
+    assert_clean_error(&generate(&model, &data, &["--prompt", &long]), "max_position_embeddings");
+    assert_clean_error(&generate(&tmp.path().join("nope"), &data, &["--prompt", "hi"]), "not a directory");
+    assert_clean_error(&generate(&model, &data, &["--prompt", "hi", "--device", "cuda"]), "cuda");
+
+    std::fs::write(model.join("config.json"), "{ broken").unwrap();
+    assert_clean_error(&generate(&model, &data, &["--prompt", "hi"]), "config.json");
+    std::fs::write(model.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    assert_clean_error(&generate(&model, &data, &["--prompt", "hi"]), "not a Qwen2 model");
+    std::fs::remove_file(model.join("config.json")).unwrap();
+    assert_clean_error(&generate(&model, &data, &["--prompt", "hi"]), "missing config.json");
+}
+
+#[test]
+fn bench_rotation_json_has_the_ratio_fields() {
+    let out = kframe(&["bench", "rotation", "--json", "--layers", "1", "--rounds", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for field in ["probe_over_identity_ctx512", "probe_over_identity_ctx4096", "decode_over_probe_ctx4096", "kframe_over_candle"] {
+        let v = report[field].as_f64().unwrap_or_else(|| panic!("{field} missing in {report}"));
+        assert!(v.is_finite() && v > 0.0, "{field} = {v}");
+    }
+}
