@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds everything and runs the whole test suite.
+# Builds everything (the host and every plugin component) and runs the whole
+# test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-cargo test --workspace --no-fail-fast
+./scripts/build-plugins.sh
+cargo test --no-fail-fast

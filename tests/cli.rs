@@ -103,3 +103,82 @@ fn bench_rotation_json_has_the_ratio_fields() {
         assert!(v.is_finite() && v > 0.0, "{field} = {v}");
     }
 }
+
+#[cfg(feature = "embedded-model")]
+#[test]
+fn generate_without_a_model_uses_the_embedded_one_and_recalls_a_chat_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompt = "<|im_start|>user\nremember code 4821<|im_end|>\n<|im_start|>assistant\nok , i will remember it .<|im_end|>\n\
+                  <|im_start|>user\nwhat is my code ?<|im_end|>\n<|im_start|>assistant\n";
+    let data = tmp.path().to_str().unwrap();
+    let out = kframe(&["generate", "--prompt", prompt, "--tenant", "carol", "--data-dir", data, "--max-tokens", "8"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "your code 4821");
+}
+
+#[test]
+fn eval_recall_json_reports_matched_wrong_key_and_baseline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    synth_model(&model);
+    let out = kframe(&["eval", "recall", "--model", model.to_str().unwrap(), "--tenants", "4", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["tenants"], 4);
+    // A random-weight model recalls nothing; the mechanics and the fields are what
+    // this checks (the embedded model's recall is checked in host/tests/embedded.rs).
+    for field in ["matched_recall", "identity_recall", "wrong_key_recall", "no_context_recall", "wrong_key_upper95"] {
+        assert!(r[field].as_f64().is_some(), "{field} in {r}");
+    }
+    assert_eq!(r["matched"], r["identity"], "{r}");
+}
+
+#[test]
+fn without_an_embedded_model_generate_asks_for_one() {
+    if cfg!(feature = "embedded-model") {
+        return;
+    }
+    let out = kframe(&["generate", "--prompt", "hi"]);
+    assert_clean_error(&out, "--model");
+}
+
+#[test]
+fn plugin_check_accepts_every_shipped_plugin_and_rejects_malformed_components() {
+    let dir = kframe::plugin::shipped_dir();
+    let mut shipped: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-plugins.sh", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+        .map(|p| p.display().to_string())
+        .collect();
+    shipped.sort();
+    assert!(shipped.len() >= 10, "{shipped:?}");
+    let mut args = vec!["plugin", "check"];
+    args.extend(shipped.iter().map(String::as_str));
+    let out = kframe(&args);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out).matches(": ok, implements").count(), shipped.len(), "{}", stdout(&out));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let core = tmp.path().join("core.wasm");
+    let random = tmp.path().join("random.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    std::fs::write(&random, (0..999u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<u8>>()).unwrap();
+    let out = kframe(&["plugin", "check", core.to_str().unwrap(), random.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.contains("core.wasm: rejected: not a valid component: a core WebAssembly module"), "{text}");
+    assert!(text.contains("random.wasm: rejected: not a valid component"), "{text}");
+    let bad_config = kframe(&["plugin", "check", "--config", "every=0", &kframe::plugin::shipped("verify-sampled").display().to_string()]);
+    assert!(stdout(&bad_config).contains("refused its configuration"), "{}", stdout(&bad_config));
+}
+
+#[test]
+fn bench_plugins_json_has_the_median_fields() {
+    let out = kframe(&["bench", "plugins", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in ["eviction_1000_us_median", "admission_us_median"] {
+        assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field} in {r}");
+    }
+}

@@ -9,6 +9,7 @@
 use crate::cache::{KvCache, KvPrecision};
 use crate::error::Result;
 use crate::keys::MasterSecret;
+use crate::model::load::ModelDir;
 use crate::model::{synth, Qwen2, Variant};
 use crate::rotation::{Frame, Keyring};
 use candle_core::{DType, Device, Tensor};
@@ -47,6 +48,8 @@ pub struct RotationReport {
     pub machine: String,
     pub rounds: usize,
     pub contexts: Vec<ContextTimes>,
+    /// The same measurement on the embedded model (empty in builds without one).
+    pub embedded_model: Vec<ContextTimes>,
     pub probe_over_identity_ctx512: Option<f64>,
     pub probe_over_identity_ctx4096: Option<f64>,
     pub decode_over_probe_ctx4096: Option<f64>,
@@ -76,6 +79,43 @@ pub fn machine() -> String {
     format!("{cpu}, {cores} cores, {}", std::env::consts::OS)
 }
 
+const TOKEN: [u32; 1] = [42];
+
+/// Decode-step throughput in the identity frame and in a tenant frame with each
+/// variant, the cache holding `ctx` tokens, over interleaved rounds.
+fn time_variants(model: &Qwen2, tenant: &Frame, ctx: usize, rounds: usize) -> Result<ContextTimes> {
+    let runs: [(&Frame, Variant); 3] =
+        [(&Frame::Identity, Variant::ProbeTime), (tenant, Variant::ProbeTime), (tenant, Variant::DecodeTime)];
+    let mut caches: Vec<KvCache> = runs.iter().map(|_| model.new_cache(KvPrecision::Native)).collect();
+    for cache in &mut caches {
+        cache.fill_random(ctx)?;
+    }
+    let mut times = vec![Vec::new(); runs.len()];
+    for round in 0..rounds + 2 {
+        // Alternate the order so no variant always runs after the same one.
+        let order = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        for i in order {
+            let (frame, variant) = runs[i];
+            let cache = &mut caches[i];
+            let dt = time(|| model.forward(&TOKEN, cache, frame, variant))?;
+            cache.truncate(ctx)?;
+            if round >= 2 {
+                times[i].push(dt); // the first two rounds warm caches and allocators
+            }
+        }
+    }
+    let [id, probe, decode] = [0, 1, 2].map(|i| 1.0 / median(times[i].clone()));
+    Ok(ContextTimes {
+        context: ctx,
+        identity_tok_s: id,
+        probe_tok_s: probe,
+        decode_tok_s: decode,
+        probe_over_identity: probe / id,
+        decode_over_identity: decode / id,
+        decode_over_probe: decode / probe,
+    })
+}
+
 pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> Result<RotationReport> {
     let device = Device::Cpu;
     let cfg = synth::qwen25_3b_layer_config(opts.layers, opts.vocab_size);
@@ -85,41 +125,24 @@ pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> 
     let model = Qwen2::new(&cfg, vb.clone())?;
     let ring = Keyring::new(MasterSecret::random(), model.rotation_shape(), DType::F32, false, device.clone(), 4);
     let tenant = ring.frame("bench-tenant", 0)?;
-    let token = [42u32];
 
     let mut contexts = Vec::new();
     for &ctx in &opts.contexts {
         progress(&format!("decode at context {ctx}"));
-        let runs: [(&Frame, Variant); 3] =
-            [(&Frame::Identity, Variant::ProbeTime), (&tenant, Variant::ProbeTime), (&tenant, Variant::DecodeTime)];
-        let mut caches: Vec<KvCache> = runs.iter().map(|_| model.new_cache(KvPrecision::Native)).collect();
-        for cache in &mut caches {
-            cache.fill_random(ctx)?;
+        contexts.push(time_variants(&model, &tenant, ctx, opts.rounds)?);
+    }
+
+    // The same ratios on the embedded model, whose layers are far smaller than
+    // Qwen2.5-3B's while d is the same: the worst case for rotation's share.
+    let mut embedded_contexts = Vec::new();
+    if let Ok(dir) = ModelDir::embedded() {
+        progress("the embedded model");
+        let embedded = dir.load_model(DType::F32, &device)?;
+        let ring = Keyring::new(MasterSecret::random(), embedded.rotation_shape(), DType::F32, false, device.clone(), 4);
+        let embedded_tenant = ring.frame("bench-tenant", 0)?;
+        for ctx in [512, 1000].into_iter().filter(|&c| c < embedded.config().max_position_embeddings) {
+            embedded_contexts.push(time_variants(&embedded, &embedded_tenant, ctx, opts.rounds)?);
         }
-        let mut times = vec![Vec::new(); runs.len()];
-        for round in 0..opts.rounds + 2 {
-            // Alternate the order so no variant always runs after the same one.
-            let order: Vec<usize> = if round % 2 == 0 { vec![0, 1, 2] } else { vec![2, 1, 0] };
-            for i in order {
-                let (frame, variant) = runs[i];
-                let cache = &mut caches[i];
-                let dt = time(|| model.forward(&token, cache, frame, variant))?;
-                cache.truncate(ctx)?;
-                if round >= 2 {
-                    times[i].push(dt); // the first two rounds warm caches and allocators
-                }
-            }
-        }
-        let [id, probe, decode] = [0, 1, 2].map(|i| 1.0 / median(times[i].clone()));
-        contexts.push(ContextTimes {
-            context: ctx,
-            identity_tok_s: id,
-            probe_tok_s: probe,
-            decode_tok_s: decode,
-            probe_over_identity: probe / id,
-            decode_over_identity: decode / id,
-            decode_over_probe: decode / probe,
-        });
     }
 
     // kframe (identity) against candle-transformers' qwen2 on the same weights,
@@ -134,8 +157,8 @@ pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> 
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for step in 0..opts.rounds + 2 {
         let pos = prompt.len() + step;
-        let t_ours = time(|| model.forward(&token, &mut cache, &Frame::Identity, Variant::ProbeTime))?;
-        let ids = Tensor::new(&token, &device)?.unsqueeze(0)?;
+        let t_ours = time(|| model.forward(&TOKEN, &mut cache, &Frame::Identity, Variant::ProbeTime))?;
+        let ids = Tensor::new(&TOKEN, &device)?.unsqueeze(0)?;
         let t_theirs = time(|| Ok(reference.forward(&ids, pos)?))?;
         if step >= 2 {
             ours.push(t_ours);
@@ -156,6 +179,7 @@ pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> 
         probe_over_identity_ctx4096: at(4096, |c| c.probe_over_identity),
         decode_over_probe_ctx4096: at(4096, |c| c.decode_over_probe),
         contexts,
+        embedded_model: embedded_contexts,
         kframe_tok_s,
         candle_tok_s,
         kframe_over_candle: kframe_tok_s / candle_tok_s,
@@ -172,10 +196,94 @@ impl RotationReport {
                 c.context, c.identity_tok_s, c.probe_tok_s, c.decode_tok_s, c.probe_over_identity, c.decode_over_identity
             );
         }
+        if !self.embedded_model.is_empty() {
+            s += "\nembedded model:\n";
+        }
+        for c in &self.embedded_model {
+            s += &format!(
+                "{:>7}  {:>14.2}  {:>16.2}  {:>17.2}  {:>14.3}  {:>15.3}\n",
+                c.context, c.identity_tok_s, c.probe_tok_s, c.decode_tok_s, c.probe_over_identity, c.decode_over_identity
+            );
+        }
         s += &format!(
             "\nkframe (identity) {:.2} tok/s vs candle-transformers qwen2 {:.2} tok/s at context 512: kframe/candle = {:.3}\n",
             self.kframe_tok_s, self.candle_tok_s, self.kframe_over_candle
         );
         s
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginReport {
+    pub machine: String,
+    pub entries: usize,
+    pub samples: usize,
+    /// One `victims` call through the lru component, 1000 live entries.
+    pub eviction_1000_us_median: f64,
+    /// One `decide` call through the capacity component.
+    pub admission_us_median: f64,
+    /// The native LRU fallback over the same entries, for scale.
+    pub native_eviction_1000_us_median: f64,
+}
+
+/// Median microseconds of `samples` runs of `f`.
+fn median_us(samples: usize, mut f: impl FnMut()) -> f64 {
+    let times = (0..samples)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    median(times)
+}
+
+pub fn plugins() -> anyhow::Result<PluginReport> {
+    use crate::plugin::{fallback::EntryMirror, shipped, Entry, Limits, Load, PluginRuntime, PolicyKind, PolicySet, Request};
+    let set = PolicySet::new(PluginRuntime::new(Limits::default(), None)?);
+    for (kind, name) in [(PolicyKind::Eviction, "lru"), (PolicyKind::Admission, "capacity")] {
+        let path = shipped(name);
+        let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}; run scripts/build-plugins.sh", path.display()))?;
+        set.swap(kind, name, &bytes, "")?;
+    }
+    let entries = 1000;
+    let mut mirror = EntryMirror::default();
+    for id in 0..entries as u64 {
+        let entry = Entry { id, tenant: id % 37, bytes: 4096 + id, tokens: 64, pinned: false, inserted: id };
+        set.on_insert(entry);
+        mirror.insert(entry);
+    }
+    let samples = 300;
+    let mut now = entries as u64;
+    let eviction = median_us(samples, || {
+        now += 1;
+        let d = set.victims(3 * 4096, now);
+        assert!(matches!(d.by, crate::plugin::DecidedBy::Plugin(_)), "{:?}", d.by);
+    });
+    let native = median_us(samples, || {
+        std::hint::black_box(mirror.lru_victims(3 * 4096));
+    });
+    let load = Load { active_sequences: 10, queued: 0, queue_limit: 64, cache_bytes: 1 << 20, cache_budget: 1 << 30 };
+    let req = Request { tenant: 1, tier: 0, prompt_tokens: 100, max_tokens: 100, bytes_needed: 1 << 16, now: 1 };
+    let admission = median_us(samples, || {
+        std::hint::black_box(set.admit(&req, &load));
+    });
+    Ok(PluginReport {
+        machine: machine(),
+        entries,
+        samples,
+        eviction_1000_us_median: eviction,
+        admission_us_median: admission,
+        native_eviction_1000_us_median: native,
+    })
+}
+
+impl PluginReport {
+    pub fn to_text(&self) -> String {
+        format!(
+            "machine: {}\nmedians of {} calls\neviction decision over {} entries (lru component): {:.1} us\n\
+             native LRU over the same entries: {:.1} us\nadmission decision (capacity component): {:.1} us\n",
+            self.machine, self.samples, self.entries, self.eviction_1000_us_median, self.native_eviction_1000_us_median, self.admission_us_median
+        )
     }
 }

@@ -2,11 +2,14 @@
 
 use crate::bench::{self, RotationBenchOptions};
 use crate::cache::KvPrecision;
+use crate::corpus::Corpus;
 use crate::device::{self, DeviceArg, DtypeArg};
+use crate::eval::{self, recall::RecallOptions};
 use crate::generate::{Generator, SamplingParams};
 use crate::keys::{self, MasterSecret};
 use crate::model::load::ModelDir;
 use crate::model::{synth, Variant};
+use crate::plugin::{Limits, PluginRuntime};
 use crate::rotation::{Frame, Keyring};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
@@ -26,16 +29,32 @@ pub enum Command {
     /// Measure costs; ratios are taken within one run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Inspect policy plugin components.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Measure isolation claims on the engine.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Write a random-weight Qwen2 model directory (config.json, model.safetensors,
     /// tokenizer.json) for tests and benchmarks.
     SynthModel(SynthArgs),
+    /// Print the synthetic retrieval corpus as JSON lines: training documents, or
+    /// recall questions with `--recall K` (K records each).
+    Corpus {
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 1000)]
+        docs: usize,
+        #[arg(long)]
+        recall: Option<usize>,
+    },
 }
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A Hugging Face style Qwen2 directory.
+    /// A Hugging Face style Qwen2 directory [default: the embedded model].
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t)]
     pub device: DeviceArg,
     #[arg(long, value_enum, default_value_t)]
@@ -83,6 +102,43 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 30)]
         rounds: usize,
     },
+    /// Median cost of one eviction decision over 1000 entries and of one admission
+    /// decision through Wasm policy components (the shipped lru and capacity).
+    Plugins {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PluginCommand {
+    /// Report which kframe:policy world each component implements, or why it is
+    /// rejected (exit status 1 if any is).
+    Check {
+        files: Vec<PathBuf>,
+        /// The configuration string passed to each component's `configure`.
+        #[arg(long, default_value = "")]
+        config: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Recall of each tenant's secrets with its own key, a wrong key, and no context.
+    Recall {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 100)]
+        tenants: usize,
+        #[arg(long, default_value_t = 4)]
+        records: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t)]
+        variant: Variant,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -111,10 +167,52 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Rotation { json, layers, rounds }) => {
             let opts = RotationBenchOptions { layers, rounds, ..Default::default() };
             let report = bench::rotation(&opts, |msg| eprintln!("bench: {msg}"))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.to_text());
+            print_report(&report, json, report.to_text())
+        }
+        Command::Bench(BenchCommand::Plugins { json }) => {
+            let report = bench::plugins()?;
+            print_report(&report, json, report.to_text())
+        }
+        Command::Plugin(PluginCommand::Check { files, config }) => {
+            let runtime = PluginRuntime::new(Limits::default(), None)?;
+            let mut rejected = 0;
+            for file in &files {
+                let name = file.display().to_string();
+                let outcome = std::fs::read(file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| runtime.validate(&name, &bytes, &config).map_err(|e| e.failure.to_string()));
+                match outcome {
+                    Ok(kind) => println!("{name}: ok, implements {kind} (kframe:policy@0.1.0)"),
+                    Err(reason) => {
+                        rejected += 1;
+                        println!("{name}: rejected: {reason}");
+                    }
+                }
+            }
+            if rejected > 0 {
+                anyhow::bail!("{rejected} of {} components rejected", files.len());
+            }
+            Ok(())
+        }
+        Command::Eval(EvalCommand::Recall { model, tenants, records, seed, variant, json }) => {
+            let (dir, generator) = load(&model)?;
+            let ring = Keyring::new(MasterSecret::random(), generator.model.rotation_shape(), generator.model.dtype(), false, generator.model.device().clone(), 16);
+            let opts = RecallOptions { tenants, records, seed, variant };
+            let bar = indicatif::ProgressBar::new(tenants as u64);
+            let mut report = eval::recall::recall(&generator, &ring, &opts, |done| bar.set_position(done as u64))?;
+            bar.finish_and_clear();
+            report.model = dir.path.display().to_string();
+            print_report(&report, json, report.to_text())
+        }
+        Command::Corpus { seed, docs, recall } => {
+            let mut corpus = Corpus::new(seed);
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for _ in 0..docs {
+                let line = match recall {
+                    Some(k) => serde_json::to_string(&corpus.recall_item(k.max(1)))?,
+                    None => serde_json::to_string(&corpus.training_document())?,
+                };
+                writeln!(out, "{line}")?;
             }
             Ok(())
         }
@@ -130,11 +228,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let device = device::select(args.model.device)?;
-    let dtype = device::dtype(args.model.dtype, &device);
-    let dir = ModelDir::open(&args.model.model)?;
+/// One JSON object with `--json`, else the report's text.
+fn print_report(report: &impl serde::Serialize, json: bool, text: String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+fn load(args: &ModelArgs) -> anyhow::Result<(ModelDir, Generator)> {
+    let device = device::select(args.device)?;
+    let dtype = device::dtype(args.dtype, &device);
+    let dir = ModelDir::open_or_embedded(args.model.as_deref())?;
     let generator = Generator::load(&dir, dtype, &device)?;
+    Ok((dir, generator))
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let (_, generator) = load(&args.model)?;
+    let (dtype, device) = (generator.model.dtype(), generator.model.device().clone());
     let frame = match &args.tenant {
         None => Frame::Identity,
         Some(tenant) => {

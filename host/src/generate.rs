@@ -1,7 +1,7 @@
 //! Generating text for one sequence in one frame: encode, prefill, decode, sample,
 //! stream. The multi-tenant scheduler builds on the same model calls.
 
-use crate::cache::KvPrecision;
+use crate::cache::{KvCache, KvPrecision};
 use crate::error::{Error, Result};
 use crate::model::load::ModelDir;
 use crate::model::{Qwen2, Variant};
@@ -79,11 +79,27 @@ impl Generator {
         variant: Variant,
         precision: KvPrecision,
         params: &SamplingParams,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let mut cache = self.model.new_cache(precision);
+        self.complete(&mut cache, prompt, frame, variant, params, on_text)
+    }
+
+    /// Like [`Generator::generate`], after whatever `cache` already holds: the
+    /// continuation of a session, or (in the eval) a question asked over a cache
+    /// that another frame wrote.
+    pub fn complete(
+        &self,
+        cache: &mut KvCache,
+        prompt: &[u32],
+        frame: &Frame,
+        variant: Variant,
+        params: &SamplingParams,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         let max_len = self.model.config().max_position_embeddings;
-        if prompt.len() > max_len {
-            return Err(Error::ContextTooLong { needed: prompt.len(), max: max_len });
+        if cache.len() + prompt.len() > max_len {
+            return Err(Error::ContextTooLong { needed: cache.len() + prompt.len(), max: max_len });
         }
         let sampling = match (params.temperature, params.top_p) {
             (t, _) if t <= 0.0 => Sampling::ArgMax,
@@ -91,8 +107,7 @@ impl Generator {
             (temperature, _) => Sampling::All { temperature },
         };
         let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling);
-        let mut cache = self.model.new_cache(precision);
-        let mut logits = self.model.forward(prompt, &mut cache, frame, variant)?;
+        let mut logits = self.model.forward(prompt, cache, frame, variant)?;
         let mut tokens = Vec::new();
         let mut emitted = 0;
         let finish = loop {
@@ -114,7 +129,7 @@ impl Generator {
             if tokens.len() >= params.max_tokens || cache.len() >= max_len {
                 break FinishReason::Length;
             }
-            logits = self.model.forward(&[next], &mut cache, frame, variant)?;
+            logits = self.model.forward(&[next], cache, frame, variant)?;
         };
         let text = self.decode(&tokens)?;
         if text.len() > emitted && text.is_char_boundary(emitted) {

@@ -20,11 +20,14 @@
 pub mod bench;
 pub mod cache;
 pub mod cli;
+pub mod corpus;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod keys;
 pub mod model;
+pub mod plugin;
 pub mod rotation;
 
 pub use error::{Error, Result};

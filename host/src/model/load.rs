@@ -13,12 +13,50 @@ use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
 pub struct ModelDir {
+    /// The directory, or `<embedded>` for the model compiled into kframe.
     pub path: PathBuf,
     pub config: Config,
-    pub weights: Vec<PathBuf>,
-    pub tokenizer: PathBuf,
+    pub weights: Weights,
+    tokenizer: Bytes,
     /// End-of-sequence ids from generation_config.json, else from config.json.
     pub eos_token_ids: Vec<u32>,
+}
+
+/// Where the safetensors bytes come from.
+pub enum Weights {
+    /// Files on disk, memory-mapped (one, or the shards of an index).
+    Files(Vec<PathBuf>),
+    /// The embedded model's bytes, compiled into the binary.
+    #[cfg_attr(not(feature = "embedded-model"), allow(dead_code))]
+    Static(&'static [u8]),
+}
+
+/// A small file's contents: read from disk, or compiled in.
+enum Bytes {
+    File(PathBuf),
+    #[cfg_attr(not(feature = "embedded-model"), allow(dead_code))]
+    Static(&'static [u8]),
+}
+
+/// kframe's own model (host/model/, trained by host/train/train_tiny.py), compiled
+/// in so that kframe runs with no `--model`. Behind the `embedded-model` feature
+/// until a trained model that meets its recall targets is committed.
+#[cfg(feature = "embedded-model")]
+mod embedded {
+    macro_rules! file {
+        ($name:literal) => {
+            include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/model/", $name))
+        };
+    }
+    pub const CONFIG: &[u8] = file!("config.json");
+    pub const GENERATION: &[u8] = file!("generation_config.json");
+    pub const TOKENIZER: &[u8] = file!("tokenizer.json");
+    pub const WEIGHTS: &[u8] = file!("model.safetensors");
+}
+
+/// The directory the embedded model was built from, for tests that compare the two.
+pub fn embedded_model_source_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("model")
 }
 
 #[derive(serde::Deserialize)]
@@ -73,6 +111,7 @@ impl ModelDir {
             }
             paths
         };
+        let weights = Weights::Files(weights);
         let generation = dir.join("generation_config.json");
         let from_generation = if generation.is_file() {
             read_json::<GenerationConfig>(&generation)?.eos_token_id.map(TokenIds::into_vec)
@@ -80,22 +119,62 @@ impl ModelDir {
             None
         };
         let eos_token_ids = from_generation.unwrap_or_else(|| config.eos_token_ids.clone());
-        Ok(Self { path: dir.to_owned(), config, weights, tokenizer, eos_token_ids })
+        Ok(Self { path: dir.to_owned(), config, weights, tokenizer: Bytes::File(tokenizer), eos_token_ids })
+    }
+
+    /// The model compiled into kframe, read by the same parsers as a directory.
+    #[cfg(feature = "embedded-model")]
+    pub fn embedded() -> Result<Self> {
+        let path = PathBuf::from("<embedded>");
+        let text = |bytes: &'static [u8], file: &str| {
+            std::str::from_utf8(bytes)
+                .map_err(|e| Error::Malformed { path: path.join(file), reason: e.to_string() })
+        };
+        let config = Config::from_json(text(embedded::CONFIG, "config.json")?, &path.join("config.json"))?;
+        let generation: GenerationConfig = serde_json::from_str(text(embedded::GENERATION, "generation_config.json")?)
+            .map_err(|e| Error::Malformed { path: path.join("generation_config.json"), reason: e.to_string() })?;
+        let eos_token_ids = generation.eos_token_id.map(TokenIds::into_vec).unwrap_or_else(|| config.eos_token_ids.clone());
+        Ok(Self {
+            path,
+            config,
+            weights: Weights::Static(embedded::WEIGHTS),
+            tokenizer: Bytes::Static(embedded::TOKENIZER),
+            eos_token_ids,
+        })
+    }
+
+    #[cfg(not(feature = "embedded-model"))]
+    pub fn embedded() -> Result<Self> {
+        Err(Error::Unsupported("this build has no embedded model (cargo feature `embedded-model`); pass --model DIR".into()))
+    }
+
+    /// `--model DIR` when given, else the embedded model.
+    pub fn open_or_embedded(dir: Option<&Path>) -> Result<Self> {
+        match dir {
+            Some(dir) => Self::open(dir),
+            None => Self::embedded(),
+        }
     }
 
     pub fn load_tokenizer(&self) -> Result<Tokenizer> {
-        Tokenizer::from_file(&self.tokenizer)
-            .map_err(|e| Error::Malformed { path: self.tokenizer.clone(), reason: e.to_string() })
+        let (loaded, path) = match &self.tokenizer {
+            Bytes::File(path) => (Tokenizer::from_file(path), path.clone()),
+            Bytes::Static(bytes) => (Tokenizer::from_bytes(bytes), self.path.join("tokenizer.json")),
+        };
+        loaded.map_err(|e| Error::Malformed { path, reason: e.to_string() })
     }
 
-    /// Memory-maps the safetensors files; tensors are read (and cast to `dtype`) as
-    /// the model asks for them.
+    /// Memory-maps the safetensors files (or reads the embedded bytes); tensors are
+    /// read, and cast to `dtype`, as the model asks for them.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         // SAFETY: the files are mapped read-only; kframe never writes them while
         // serving. A file truncated underneath us by another process is outside
         // what any mmap-based loader can defend against.
-        unsafe { VarBuilder::from_mmaped_safetensors(&self.weights, dtype, device) }
-            .map_err(|source| Error::Weights { dir: self.path.clone(), source })
+        let vb = match &self.weights {
+            Weights::Files(files) => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) },
+            Weights::Static(bytes) => VarBuilder::from_slice_safetensors(bytes, dtype, device),
+        };
+        vb.map_err(|source| Error::Weights { dir: self.path.clone(), source })
     }
 
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Qwen2> {

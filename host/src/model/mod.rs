@@ -45,7 +45,7 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+    fn new(cfg: &Config, dtype: DType, device: &Device) -> candle_core::Result<Self> {
         let d = cfg.head_dim;
         let inv_freq: Vec<f32> =
             (0..d).step_by(2).map(|i| 1f32 / cfg.rope_theta.powf(i as f64 / d as f64) as f32).collect();
@@ -57,11 +57,11 @@ impl Rope {
     }
 
     /// x: (1, heads, t, d) -> same, rotated for positions pos..pos+t.
-    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     }
 }
 
@@ -148,7 +148,7 @@ impl Qwen2 {
         } else {
             candle_nn::linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"))?
         };
-        let rope = Rope::new(cfg, vb.dtype(), vb.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,

@@ -1,0 +1,101 @@
+//! The embedded model: loads from host/model and from the compiled-in copy alike,
+//! matches Hugging Face transformers' reference logits, and recalls a tenant's
+//! secrets with the tenant's key and not with a wrong one.
+#![cfg(feature = "embedded-model")]
+
+use candle_core::{DType, Device, Tensor};
+use kframe::cache::KvPrecision;
+use kframe::eval::recall::{recall, RecallOptions};
+use kframe::generate::Generator;
+use kframe::keys::MasterSecret;
+use kframe::model::load::{embedded_model_source_dir, ModelDir};
+use kframe::model::Variant;
+use kframe::rotation::{Frame, Keyring};
+
+fn embedded() -> Generator {
+    Generator::load(&ModelDir::embedded().unwrap(), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn embedded_copy_and_model_directory_give_identical_logits() {
+    let from_dir = Generator::load(&ModelDir::open(&embedded_model_source_dir()).unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let compiled = embedded();
+    let text = "user alice secret 4821 . query alice secret";
+    let ids = compiled.encode(text).unwrap();
+    assert_eq!(ids, from_dir.encode(text).unwrap());
+    let run = |g: &Generator| g.model.forward(&ids, &mut g.model.new_cache(KvPrecision::Native), &Frame::Identity, Variant::ProbeTime).unwrap();
+    assert_eq!(max_abs_diff(&run(&compiled), &run(&from_dir)), 0.0);
+}
+
+#[derive(serde::Deserialize)]
+struct Fixture {
+    cases: Vec<Case>,
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    text: String,
+    ids: Vec<u32>,
+    greedy: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+}
+
+/// host/tests/fixtures/hf_reference.json is written by host/train/reference_fixture.py
+/// with Hugging Face transformers (PyTorch, f32): an implementation kframe shares no
+/// code with.
+#[test]
+fn logits_and_greedy_tokens_match_the_hugging_face_reference() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf_reference.json")).unwrap();
+    let fixture: Fixture = serde_json::from_str(&text).unwrap();
+    let g = embedded();
+    let mut worst = 0f32;
+    for case in &fixture.cases {
+        assert_eq!(g.encode(&case.text).unwrap(), case.ids, "tokenizer disagrees on {:?}", case.text);
+        let mut cache = g.model.new_cache(KvPrecision::Native);
+        let mut logits = g.model.forward(&case.ids, &mut cache, &Frame::Identity, Variant::ProbeTime).unwrap();
+        let mut greedy = Vec::new();
+        for (step, want) in case.logits.iter().enumerate() {
+            let want = Tensor::new(want.as_slice(), &Device::Cpu).unwrap();
+            worst = worst.max(max_abs_diff(&logits, &want));
+            if step == case.greedy.len() {
+                break;
+            }
+            let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            greedy.push(next);
+            logits = g.model.forward(&[next], &mut cache, &Frame::Identity, Variant::ProbeTime).unwrap();
+        }
+        assert_eq!(greedy, case.greedy, "greedy tokens for {:?}", case.text);
+    }
+    assert!(worst <= 1e-4, "max |kframe - transformers| logit = {worst}");
+}
+
+fn ring(g: &Generator) -> Keyring {
+    Keyring::new(MasterSecret::from_bytes([8; 32]), g.model.rotation_shape(), DType::F32, false, Device::Cpu, 8)
+}
+
+/// Seed 7 is held out: training used seed 1 and its validation seeds 1001/1002.
+#[test]
+fn matched_key_recalls_98_percent_and_wrong_key_recalls_nothing_over_100_tenants() {
+    let g = embedded();
+    let opts = RecallOptions { tenants: 100, records: 4, seed: 7, variant: Variant::ProbeTime };
+    let r = recall(&g, &ring(&g), &opts, |_| {}).unwrap();
+    eprintln!("{}", r.to_text());
+    assert!(r.matched_recall >= 0.98, "matched recall {}", r.matched_recall);
+    assert_eq!(r.matched, r.identity, "rotation must not change recall");
+    assert_eq!(r.wrong_key, 0, "a wrong key recovered {} secrets", r.wrong_key);
+    assert!(r.wrong_key_recall <= r.no_context_recall);
+}
+
+#[test]
+fn recall_holds_with_16_records_and_in_the_decode_time_variant() {
+    let g = embedded();
+    let opts = RecallOptions { tenants: 40, records: 16, seed: 8, variant: Variant::DecodeTime };
+    let r = recall(&g, &ring(&g), &opts, |_| {}).unwrap();
+    eprintln!("{}", r.to_text());
+    assert!(r.matched_recall >= 0.9, "matched recall {}", r.matched_recall);
+    assert_eq!(r.wrong_key, 0);
+}

@@ -1,0 +1,275 @@
+//! The guest side of kframe's policy plugins.
+//!
+//! A policy is a type that implements one trait ([`AdmissionPolicy`],
+//! [`EvictionPolicy`] or [`DepthGatePolicy`]) and registers it with the matching
+//! macro; the crate is built with `cargo build --release --target wasm32-wasip2` and
+//! the resulting `.wasm` is a component kframe loads. Enable the feature of the
+//! world you implement (`admission`, `eviction` or `depth-gate`), one per crate.
+//!
+//! ```ignore
+//! use kframe_policy_sdk::{register_eviction, EntryTable, EvictionPolicy};
+//!
+//! #[derive(Default)]
+//! struct Fifo(EntryTable);
+//!
+//! impl EvictionPolicy for Fifo {
+//!     fn table(&mut self) -> &mut EntryTable { &mut self.0 }
+//!     fn victims(&mut self, bytes: u64, _now: u64) -> Vec<u64> {
+//!         self.0.lowest_first(bytes, |e| e.entry.inserted)
+//!     }
+//! }
+//! register_eviction!(Fifo);
+//! ```
+
+#[doc(hidden)]
+pub use wit_bindgen;
+
+/// Makes a panic end the call as a plain trap. Without it, std's default hook
+/// tries to print to stderr, an import the host never grants, and the host would
+/// report a denied capability instead of the panic.
+#[doc(hidden)]
+pub fn quiet_panics() {
+    std::panic::set_hook(Box::new(|_| {}));
+}
+
+#[cfg(feature = "admission")]
+pub mod admission {
+    wit_bindgen::generate!({
+        path: "../../wit/policy",
+        world: "admission-policy",
+        pub_export_macro: true,
+        export_macro_name: "export_admission_world",
+        default_bindings_module: "kframe_policy_sdk::admission",
+    });
+}
+
+#[cfg(feature = "eviction")]
+pub mod eviction {
+    wit_bindgen::generate!({
+        path: "../../wit/policy",
+        world: "eviction-policy",
+        pub_export_macro: true,
+        export_macro_name: "export_eviction_world",
+        default_bindings_module: "kframe_policy_sdk::eviction",
+    });
+}
+
+#[cfg(feature = "depth-gate")]
+pub mod depth_gate {
+    wit_bindgen::generate!({
+        path: "../../wit/policy",
+        world: "depth-gate-policy",
+        pub_export_macro: true,
+        export_macro_name: "export_depth_gate_world",
+        default_bindings_module: "kframe_policy_sdk::depth_gate",
+    });
+}
+
+#[cfg(feature = "admission")]
+pub use admission::{Admission, Load, Request};
+#[cfg(feature = "depth-gate")]
+pub use depth_gate::{LayerGate, ModelShape};
+#[cfg(feature = "eviction")]
+pub use eviction::Entry;
+
+/// Parses `key=value` pairs separated by commas or whitespace, the configuration
+/// format the shipped policies use.
+pub fn config_pairs(config: &str) -> impl Iterator<Item = (&str, &str)> {
+    config
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+}
+
+/// Reads a numeric `key=value`; `default` when absent.
+pub fn config_number(config: &str, key: &str, default: u64) -> Result<u64, String> {
+    match config_pairs(config).find(|(k, _)| *k == key) {
+        None => Ok(default),
+        Some((_, v)) => v.parse().map_err(|_| format!("{key}={v:?} is not a number")),
+    }
+}
+
+#[cfg(feature = "admission")]
+pub trait AdmissionPolicy: Default + 'static {
+    fn configure(&mut self, _config: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn decide(&mut self, req: Request, load: Load) -> Admission;
+}
+
+#[cfg(feature = "depth-gate")]
+pub trait DepthGatePolicy: Default + 'static {
+    fn configure(&mut self, _config: &str) -> Result<(), String> {
+        Ok(())
+    }
+    /// One gate per layer of `shape`.
+    fn gates(&mut self, shape: ModelShape, tenant: u64, context_len: u32) -> Vec<LayerGate>;
+}
+
+/// An entry as an eviction policy tracks it.
+#[cfg(feature = "eviction")]
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    pub entry: Entry,
+    pub hits: u64,
+    pub last_used: u64,
+}
+
+/// The bookkeeping every eviction policy needs: the live entries, their hits,
+/// last use and pin state, kept up to date by [`EvictionPolicy`]'s default hooks.
+#[cfg(feature = "eviction")]
+#[derive(Debug, Default)]
+pub struct EntryTable {
+    entries: std::collections::BTreeMap<u64, Tracked>,
+}
+
+#[cfg(feature = "eviction")]
+impl EntryTable {
+    pub fn insert(&mut self, entry: Entry) {
+        let last_used = entry.inserted;
+        self.entries.insert(entry.id, Tracked { entry, hits: 0, last_used });
+    }
+    pub fn hit(&mut self, id: u64, now: u64) {
+        if let Some(t) = self.entries.get_mut(&id) {
+            t.hits += 1;
+            t.last_used = now;
+        }
+    }
+    pub fn pin(&mut self, id: u64, pinned: bool) {
+        if let Some(t) = self.entries.get_mut(&id) {
+            t.entry.pinned = pinned;
+        }
+    }
+    pub fn remove(&mut self, id: u64) {
+        self.entries.remove(&id);
+    }
+    pub fn get(&self, id: u64) -> Option<&Tracked> {
+        self.entries.get(&id)
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Tracked> {
+        self.entries.values()
+    }
+    /// Unpinned entries in ascending order of `score` (ties by id), taken until
+    /// they free `bytes_needed`.
+    pub fn lowest_first<K: Ord>(&self, bytes_needed: u64, score: impl Fn(&Tracked) -> K) -> Vec<u64> {
+        let mut candidates: Vec<&Tracked> = self.entries.values().filter(|t| !t.entry.pinned).collect();
+        candidates.sort_by_key(|t| (score(t), t.entry.id));
+        take_until(candidates.into_iter(), bytes_needed)
+    }
+}
+
+/// Ids from `ordered` until their bytes reach `bytes_needed`.
+#[cfg(feature = "eviction")]
+pub fn take_until<'a>(ordered: impl Iterator<Item = &'a Tracked>, bytes_needed: u64) -> Vec<u64> {
+    let mut freed = 0;
+    let mut out = Vec::new();
+    for t in ordered {
+        if freed >= bytes_needed {
+            break;
+        }
+        freed += t.entry.bytes;
+        out.push(t.entry.id);
+    }
+    out
+}
+
+#[cfg(feature = "eviction")]
+pub trait EvictionPolicy: Default + 'static {
+    fn configure(&mut self, _config: &str) -> Result<(), String> {
+        Ok(())
+    }
+    /// The policy's entry table; the default hooks below keep it current.
+    fn table(&mut self) -> &mut EntryTable;
+    fn on_insert(&mut self, entry: Entry) {
+        self.table().insert(entry)
+    }
+    fn on_hit(&mut self, id: u64, now: u64) {
+        self.table().hit(id, now)
+    }
+    fn on_pin(&mut self, id: u64, pinned: bool) {
+        self.table().pin(id, pinned)
+    }
+    fn on_remove(&mut self, id: u64) {
+        self.table().remove(id)
+    }
+    /// Unpinned live entries to evict, in order, freeing at least `bytes_needed`.
+    fn victims(&mut self, bytes_needed: u64, now: u64) -> Vec<u64>;
+}
+
+/// Exports a type implementing [`AdmissionPolicy`] as the component's policy.
+#[cfg(feature = "admission")]
+#[macro_export]
+macro_rules! register_admission {
+    ($policy:ty) => {
+        thread_local! {
+            static KFRAME_POLICY: ::std::cell::RefCell<$policy> = ::std::cell::RefCell::new(<$policy>::default());
+        }
+        struct KframeAdmission;
+        impl $crate::admission::Guest for KframeAdmission {
+            fn configure(config: String) -> Result<(), String> {
+                $crate::quiet_panics();
+                KFRAME_POLICY.with(|p| $crate::AdmissionPolicy::configure(&mut *p.borrow_mut(), &config))
+            }
+            fn decide(req: $crate::Request, load: $crate::Load) -> $crate::Admission {
+                KFRAME_POLICY.with(|p| $crate::AdmissionPolicy::decide(&mut *p.borrow_mut(), req, load))
+            }
+        }
+        $crate::admission::export_admission_world!(KframeAdmission);
+    };
+}
+
+/// Exports a type implementing [`EvictionPolicy`] as the component's policy.
+#[cfg(feature = "eviction")]
+#[macro_export]
+macro_rules! register_eviction {
+    ($policy:ty) => {
+        thread_local! {
+            static KFRAME_POLICY: ::std::cell::RefCell<$policy> = ::std::cell::RefCell::new(<$policy>::default());
+        }
+        struct KframeEviction;
+        impl $crate::eviction::Guest for KframeEviction {
+            fn configure(config: String) -> Result<(), String> {
+                $crate::quiet_panics();
+                KFRAME_POLICY.with(|p| $crate::EvictionPolicy::configure(&mut *p.borrow_mut(), &config))
+            }
+            fn on_insert(e: $crate::Entry) {
+                KFRAME_POLICY.with(|p| $crate::EvictionPolicy::on_insert(&mut *p.borrow_mut(), e))
+            }
+            fn on_hit(id: u64, now: u64) {
+                KFRAME_POLICY.with(|p| $crate::EvictionPolicy::on_hit(&mut *p.borrow_mut(), id, now))
+            }
+            fn on_pin(id: u64, pinned: bool) {
+                KFRAME_POLICY.with(|p| $crate::EvictionPolicy::on_pin(&mut *p.borrow_mut(), id, pinned))
+            }
+            fn on_remove(id: u64) {
+                KFRAME_POLICY.with(|p| $crate::EvictionPolicy::on_remove(&mut *p.borrow_mut(), id))
+            }
+            fn victims(bytes_needed: u64, now: u64) -> Vec<u64> {
+                KFRAME_POLICY.with(|p| $crate::EvictionPolicy::victims(&mut *p.borrow_mut(), bytes_needed, now))
+            }
+        }
+        $crate::eviction::export_eviction_world!(KframeEviction);
+    };
+}
+
+/// Exports a type implementing [`DepthGatePolicy`] as the component's policy.
+#[cfg(feature = "depth-gate")]
+#[macro_export]
+macro_rules! register_depth_gate {
+    ($policy:ty) => {
+        thread_local! {
+            static KFRAME_POLICY: ::std::cell::RefCell<$policy> = ::std::cell::RefCell::new(<$policy>::default());
+        }
+        struct KframeDepthGate;
+        impl $crate::depth_gate::Guest for KframeDepthGate {
+            fn configure(config: String) -> Result<(), String> {
+                $crate::quiet_panics();
+                KFRAME_POLICY.with(|p| $crate::DepthGatePolicy::configure(&mut *p.borrow_mut(), &config))
+            }
+            fn gates(shape: $crate::ModelShape, tenant: u64, context_len: u32) -> Vec<$crate::LayerGate> {
+                KFRAME_POLICY.with(|p| $crate::DepthGatePolicy::gates(&mut *p.borrow_mut(), shape, tenant, context_len))
+            }
+        }
+        $crate::depth_gate::export_depth_gate_world!(KframeDepthGate);
+    };
+}
