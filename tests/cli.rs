@@ -171,6 +171,23 @@ fn plugin_check_accepts_every_shipped_plugin_and_rejects_malformed_components() 
     assert!(text.contains("random.wasm: rejected: not a valid component"), "{text}");
     let bad_config = kframe(&["plugin", "check", "--config", "every=0", &kframe::plugin::shipped("verify-sampled").display().to_string()]);
     assert!(stdout(&bad_config).contains("refused its configuration"), "{}", stdout(&bad_config));
+
+    // The hostile fixture misbehaves as configured; its trial decision exposes it.
+    let hostile = kframe::plugin::shipped("hostile").display().to_string();
+    // (The memory bomb may meet the 50 ms deadline before the memory limit on a
+    // busy machine; host/tests/plugins.rs checks the limit with a longer deadline.)
+    for (mode, reasons) in [
+        ("loop", &["timed out"][..]),
+        ("membomb", &["memory limit", "timed out"]),
+        ("trap", &["trapped"]),
+        ("huge", &["victims from an empty cache"]),
+        ("read-file", &["not granted"]),
+        ("read-clock", &["not granted"]),
+    ] {
+        let out = kframe(&["plugin", "check", "--config", mode, &hostile]);
+        assert_eq!(out.status.code(), Some(1), "{mode}");
+        assert!(reasons.iter().any(|r| stdout(&out).contains(r)), "{mode}: {}", stdout(&out));
+    }
 }
 
 #[test]

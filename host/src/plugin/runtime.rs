@@ -121,15 +121,29 @@ impl PluginRuntime {
         Ok(kind)
     }
 
-    /// [`PluginRuntime::check`], then instantiates the component and runs its
-    /// `configure(config)` under the limits: all the checks possible before it serves.
+    /// [`PluginRuntime::check`], then instantiates the component, runs its
+    /// `configure(config)` and one trial decision under the limits (an admission
+    /// for an idle server, victims from an empty cache, gates for a 4-layer model):
+    /// all the checks possible before it serves.
     pub fn validate(self: &Arc<Self>, name: &str, bytes: &[u8], config: &str) -> Result<PolicyKind, PluginError> {
+        use super::world::types::{Load, ModelShape, Request};
         let kind = self.check(name, bytes)?;
         match kind {
-            PolicyKind::Admission => self.load::<world::Admission>(name, bytes, config).map(drop),
-            PolicyKind::Eviction => self.load::<world::Eviction>(name, bytes, config).map(drop),
-            PolicyKind::DepthGate => self.load::<world::DepthGate>(name, bytes, config).map(drop),
-        }?;
+            PolicyKind::Admission => {
+                let req = Request { tenant: 0, tier: 0, prompt_tokens: 1, max_tokens: 1, bytes_needed: 1, now: 0 };
+                let load = Load { active_sequences: 0, queued: 0, queue_limit: 1, cache_bytes: 0, cache_budget: 1 << 30 };
+                self.load::<world::Admission>(name, bytes, config)?.call(|_, _| Ok(()), |b, s| b.call_decide(s, req, load), |_| Ok(()))?;
+            }
+            PolicyKind::Eviction => {
+                let empty = |ids: &Vec<u64>| if ids.is_empty() { Ok(()) } else { Err(format!("{} victims from an empty cache", ids.len())) };
+                self.load::<world::Eviction>(name, bytes, config)?.call(|_, _| Ok(()), |b, s| b.call_victims(s, 0, 0), empty)?;
+            }
+            PolicyKind::DepthGate => {
+                let shape = ModelShape { layers: 4, kv_heads: 1, head_dim: 128 };
+                let four = |g: &Vec<_>| if g.len() == 4 { Ok(()) } else { Err(format!("{} gates for 4 layers", g.len())) };
+                self.load::<world::DepthGate>(name, bytes, config)?.call(|_, _| Ok(()), |b, s| b.call_gates(s, shape, 0, 0), four)?;
+            }
+        }
         Ok(kind)
     }
 
