@@ -91,10 +91,12 @@ def recall_batch(tok, items):
 
 
 @torch.no_grad()
-def recall(model, tok, items, batch=64):
-    """Exact greedy recall, teacher-forced: every answer token is the argmax."""
+def recall(model, tok, items, batch=64, per_token=None):
+    """Exact greedy recall, teacher-forced: every answer token is the argmax.
+    `per_token`, a list, receives the share of answer tokens that are right (shows
+    progress before whole answers do)."""
     model.eval()
-    hits = 0
+    hits, right, total = 0, 0, 0
     rows = recall_batch(tok, items)
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
@@ -108,7 +110,11 @@ def recall(model, tok, items, batch=64):
         for j, (seq, p, a) in enumerate(chunk):
             pred = logits[j, p - 1 : p + a - 1].argmax(-1).tolist()
             hits += pred == seq[p : p + a]
+            right += sum(x == y for x, y in zip(pred, seq[p : p + a]))
+            total += a
     model.train()
+    if per_token is not None:
+        per_token.append(right / max(total, 1))
     return hits / len(rows)
 
 
@@ -224,8 +230,13 @@ def main():
             opt.step()
             step += 1
             if step % 100 == 0 or elapsed > budget:
-                r4, r16 = recall(model, tok, held4[:200]), recall(model, tok, held16[:200])
-                print(f"step {step} epoch {epoch} {elapsed / 60:.1f} min loss {loss.item():.3f} lr {lr:.2e} recall4 {r4:.3f} recall16 {r16:.3f}", flush=True)
+                tokens4 = []
+                r4, r16 = recall(model, tok, held4[:200], per_token=tokens4), recall(model, tok, held16[:200])
+                print(
+                    f"step {step} epoch {epoch} {elapsed / 60:.1f} min loss {loss.item():.3f} lr {lr:.2e} "
+                    f"recall4 {r4:.3f} (answer tokens {tokens4[0]:.3f}) recall16 {r16:.3f}",
+                    flush=True,
+                )
                 if r4 + r16 > best[0]:
                     best = (r4 + r16, {k: v.detach().clone() for k, v in model.state_dict().items()})
                 if (r4 >= args.target4 and r16 >= args.target16) or elapsed > budget:
