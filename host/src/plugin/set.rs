@@ -213,7 +213,7 @@ impl PolicySet {
     }
 
     pub fn stats(&self) -> PolicyStats {
-        fn stats<W: World>(slot: &Slot<W>) -> super::set::WorldStats {
+        fn stats<W: World>(slot: &Slot<W>) -> WorldStats {
             WorldStats {
                 plugin: slot.name(),
                 calls: slot.calls.load(Ordering::Relaxed),

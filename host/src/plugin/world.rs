@@ -44,51 +44,28 @@ pub trait World: Send + 'static {
     fn configure(b: &Self::Bindings, store: &mut Store<Sandbox>, config: &str) -> wasmtime::Result<Result<(), String>>;
 }
 
-pub struct Admission;
-pub struct Eviction;
-pub struct DepthGate;
+/// Implements [`World`] for a marker type over one world's generated bindings.
+macro_rules! world {
+    ($marker:ident, $kind:ident, $pre:ident, $bindings:ident) => {
+        pub struct $marker;
 
-impl World for Admission {
-    const KIND: PolicyKind = PolicyKind::Admission;
-    type Pre = AdmissionPolicyPre<Sandbox>;
-    type Bindings = AdmissionPolicy;
-    fn pre(pre: InstancePre<Sandbox>) -> wasmtime::Result<Self::Pre> {
-        AdmissionPolicyPre::new(pre)
-    }
-    fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self::Bindings> {
-        pre.instantiate(store)
-    }
-    fn configure(b: &Self::Bindings, store: &mut Store<Sandbox>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        b.call_configure(store, config)
-    }
+        impl World for $marker {
+            const KIND: PolicyKind = PolicyKind::$kind;
+            type Pre = $pre<Sandbox>;
+            type Bindings = $bindings;
+            fn pre(pre: InstancePre<Sandbox>) -> wasmtime::Result<Self::Pre> {
+                $pre::new(pre)
+            }
+            fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self::Bindings> {
+                pre.instantiate(store)
+            }
+            fn configure(b: &Self::Bindings, store: &mut Store<Sandbox>, config: &str) -> wasmtime::Result<Result<(), String>> {
+                b.call_configure(store, config)
+            }
+        }
+    };
 }
 
-impl World for Eviction {
-    const KIND: PolicyKind = PolicyKind::Eviction;
-    type Pre = EvictionPolicyPre<Sandbox>;
-    type Bindings = EvictionPolicy;
-    fn pre(pre: InstancePre<Sandbox>) -> wasmtime::Result<Self::Pre> {
-        EvictionPolicyPre::new(pre)
-    }
-    fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self::Bindings> {
-        pre.instantiate(store)
-    }
-    fn configure(b: &Self::Bindings, store: &mut Store<Sandbox>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        b.call_configure(store, config)
-    }
-}
-
-impl World for DepthGate {
-    const KIND: PolicyKind = PolicyKind::DepthGate;
-    type Pre = DepthGatePolicyPre<Sandbox>;
-    type Bindings = DepthGatePolicy;
-    fn pre(pre: InstancePre<Sandbox>) -> wasmtime::Result<Self::Pre> {
-        DepthGatePolicyPre::new(pre)
-    }
-    fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self::Bindings> {
-        pre.instantiate(store)
-    }
-    fn configure(b: &Self::Bindings, store: &mut Store<Sandbox>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        b.call_configure(store, config)
-    }
-}
+world!(Admission, Admission, AdmissionPolicyPre, AdmissionPolicy);
+world!(Eviction, Eviction, EvictionPolicyPre, EvictionPolicy);
+world!(DepthGate, DepthGate, DepthGatePolicyPre, DepthGatePolicy);
