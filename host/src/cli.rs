@@ -119,6 +119,9 @@ pub enum PluginCommand {
         /// The configuration string passed to each component's `configure`.
         #[arg(long, default_value = "")]
         config: String,
+        /// Deadline of each call, as serving sets it.
+        #[arg(long, default_value_t = 50)]
+        deadline_ms: u64,
     },
 }
 
@@ -173,8 +176,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let report = bench::plugins()?;
             print_report(&report, json, report.to_text())
         }
-        Command::Plugin(PluginCommand::Check { files, config }) => {
-            let runtime = PluginRuntime::new(Limits::default(), None)?;
+        Command::Plugin(PluginCommand::Check { files, config, deadline_ms }) => {
+            let limits = Limits { deadline: std::time::Duration::from_millis(deadline_ms), ..Limits::default() };
+            let runtime = PluginRuntime::new(limits, None)?;
             let mut rejected = 0;
             for file in &files {
                 let name = file.display().to_string();
