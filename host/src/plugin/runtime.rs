@@ -116,7 +116,9 @@ impl PluginRuntime {
         } else if world::DepthGate::pre(pre).is_ok() {
             PolicyKind::DepthGate
         } else {
-            return Err(PluginError { plugin: name.into(), failure: Failure::WrongWorld { expected: PolicyKind::Eviction, found: None } });
+            // No world was asked for here, so there is no "expected" to report.
+            let failure = Failure::Malformed("a component, but it implements no kframe:policy@0.1.0 world".into());
+            return Err(PluginError { plugin: name.into(), failure });
         };
         Ok(kind)
     }
