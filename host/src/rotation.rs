@@ -131,6 +131,43 @@ impl Drop for LayerRotation {
     }
 }
 
+/// The rotations of a batch of sequences at one layer, stacked as (batch * kv, d, d)
+/// in the compute dtype, so that one batched matmul puts every sequence's vectors in
+/// its own frame. A sequence in the identity frame gets the identity matrix, which
+/// leaves its vectors bit for bit unchanged.
+pub struct BatchRotation {
+    r_t: Tensor,
+    s: Tensor,
+    s_t: Tensor,
+}
+
+impl BatchRotation {
+    pub fn new(frames: &[&Frame], layer: usize, kv_heads: usize, d: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let eye = Tensor::eye(d, dtype, device)?.unsqueeze(0)?.repeat((kv_heads, 1, 1))?;
+        let pick = |f: fn(&Mats) -> &Tensor| -> Result<Tensor> {
+            let parts: Vec<&Tensor> =
+                frames.iter().map(|frame| frame.layer(layer).map_or(&eye, |l| f(&l.compute))).collect();
+            Tensor::cat(&parts, 0)
+        };
+        Ok(Self { r_t: pick(|m| &m.r_t)?, s: pick(|m| &m.s)?, s_t: pick(|m| &m.s_t)? })
+    }
+
+    /// k' = R k (and, probe-time, q' = R q) for (batch * kv, n, d) rows.
+    pub fn rotate_k(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.r_t)
+    }
+
+    /// v' = S v for (batch * kv, n, d) rows.
+    pub fn rotate_v(&self, v: &Tensor) -> Result<Tensor> {
+        v.matmul(&self.s_t)
+    }
+
+    /// Probe-time: o = S^T o' for (batch * kv, n, d) attention outputs.
+    pub fn unrotate_out(&self, o: &Tensor) -> Result<Tensor> {
+        o.matmul(&self.s)
+    }
+}
+
 /// The shape of the rotations a model needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RotationShape {

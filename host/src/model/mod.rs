@@ -15,7 +15,7 @@ pub use config::Config;
 
 use crate::cache::{CacheShape, KvCache, KvPrecision};
 use crate::error::{Error, Result};
-use crate::rotation::{Frame, RotationShape};
+use crate::rotation::{BatchRotation, Frame, RotationShape};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
@@ -28,6 +28,14 @@ pub enum Variant {
     ProbeTime,
     /// Un-rotate the whole cache for a standard kernel: O(context * d^2) a step.
     DecodeTime,
+}
+
+/// One sequence's part in a batched decode step: its next token, its own cache and
+/// its own frame.
+pub struct BatchSeq<'a> {
+    pub token: u32,
+    pub cache: &'a mut KvCache,
+    pub frame: &'a Frame,
 }
 
 /// The plaintext K and V each layer wrote in one forward pass, as (kv, t, d):
@@ -217,6 +225,39 @@ impl Qwen2 {
         Ok(last.apply(&self.lm_head)?.flatten_all()?.to_dtype(DType::F32)?)
     }
 
+    /// One decode step for many sequences at once, each after what its own cache
+    /// holds and in its own frame: the weight matmuls and the rotations run batched,
+    /// attention runs per sequence over its own cache length. Returns f32 logits,
+    /// (batch, vocab). A sequence's logits do not depend on who else is in the batch.
+    pub fn decode_batch(&self, seqs: &mut [BatchSeq<'_>], variant: Variant) -> Result<Tensor> {
+        for s in seqs.iter() {
+            self.check_input(&[s.token], s.cache.len())?;
+        }
+        let b = seqs.len();
+        if b == 0 {
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
+        }
+        let tokens: Vec<u32> = seqs.iter().map(|s| s.token).collect();
+        let positions: Vec<u32> = seqs.iter().map(|s| s.cache.len() as u32).collect();
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let rope = BatchRope {
+            cos: self.rope.cos.index_select(&positions, 0)?.unsqueeze(1)?, // (b, 1, d/2)
+            sin: self.rope.sin.index_select(&positions, 0)?.unsqueeze(1)?,
+        };
+        let frames: Vec<&Frame> = seqs.iter().map(|s| s.frame).collect();
+        let (kv, d) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+        let mut xs = self.embed_tokens.forward(&Tensor::new(tokens.as_slice(), &self.device)?.unsqueeze(1)?)?; // (b, 1, hidden)
+        for (i, layer) in self.layers.iter().enumerate() {
+            let rot = BatchRotation::new(&frames, i, kv, d, self.dtype, &self.device)?;
+            xs = layer.forward_with(&xs, |h| layer.attn.forward_batch(h, i, &rope, &rot, seqs, variant))?;
+        }
+        for s in seqs.iter_mut() {
+            let len = s.cache.len() + 1;
+            s.cache.set_len(len);
+        }
+        Ok(xs.apply(&self.norm)?.apply(&self.lm_head)?.squeeze(1)?.to_dtype(DType::F32)?)
+    }
+
     fn check_input(&self, tokens: &[u32], cached: usize) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::EmptyPrompt);
@@ -242,11 +283,21 @@ fn causal_mask(t: usize, pos: usize, dtype: DType, device: &Device) -> candle_co
     Tensor::from_vec(mask, (t, len), device)?.to_dtype(dtype)
 }
 
+/// Per-sequence RoPE tables for a batched decode step, (batch, 1, d / 2).
+struct BatchRope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
 impl Layer {
     fn forward(&self, xs: &Tensor, index: usize, step: &Step, cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+        self.forward_with(xs, |h| self.attn.forward(h, index, step, cache, trace))
+    }
+
+    /// The layer around an attention function: pre-norm, residuals, MLP.
+    fn forward_with(&self, xs: &Tensor, attend: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let residual = xs;
-        let h = self.input_layernorm.forward(xs)?;
-        let h = self.attn.forward(&h, index, step, cache, trace)?;
+        let h = attend(&self.input_layernorm.forward(xs)?)?;
         let xs = (h + residual)?;
         let residual = &xs;
         let h = self.post_attention_layernorm.forward(&xs)?;
@@ -308,5 +359,60 @@ impl Attention {
         };
         let out = out.reshape((h, t, d))?.transpose(0, 1)?.reshape((b, t, h * d))?;
         Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// One decode token for each of `seqs` (xs: (b, 1, hidden)).
+    fn forward_batch(
+        &self,
+        xs: &Tensor,
+        index: usize,
+        rope: &BatchRope,
+        rot: &BatchRotation,
+        seqs: &mut [BatchSeq<'_>],
+        variant: Variant,
+    ) -> Result<Tensor> {
+        let (b, _, _) = xs.dims3()?;
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let g = h / kv;
+        let heads = |x: Tensor, n: usize| -> candle_core::Result<Tensor> { x.reshape((b, 1, n, d))?.transpose(1, 2)?.contiguous() };
+        let q = heads(self.q_proj.forward(xs)?, h)?; // (b, h, 1, d)
+        let k = heads(self.k_proj.forward(xs)?, kv)?; // (b, kv, 1, d)
+        let v = heads(self.v_proj.forward(xs)?, kv)?.reshape((b * kv, 1, d))?;
+        let q = candle_nn::rotary_emb::rope(&q, &rope.cos, &rope.sin)?.reshape((b * kv, g, d))?;
+        let k = candle_nn::rotary_emb::rope(&k, &rope.cos, &rope.sin)?.reshape((b * kv, 1, d))?;
+        // Every sequence's K, V (and probe-time Q) into its own frame at once.
+        let (k_rot, v_rot) = (rot.rotate_k(&k)?, rot.rotate_v(&v)?);
+        let q = match variant {
+            Variant::ProbeTime => rot.rotate_k(&q)?,
+            Variant::DecodeTime => q,
+        };
+        let scale = 1f64 / (d as f64).sqrt();
+        let mut outs = Vec::with_capacity(b);
+        for (j, s) in seqs.iter_mut().enumerate() {
+            let layer_rot = s.frame.layer(index);
+            let rows = |x: &Tensor| x.narrow(0, j * kv, kv);
+            // An exact-precision cache is written from f64 rotations, as in `forward`.
+            let (k_store, v_store) = match layer_rot {
+                Some(r) if s.cache.store_dtype() != xs.dtype() => r.rotate_kv(&rows(&k)?, &rows(&v)?, s.cache.store_dtype())?,
+                _ => (rows(&k_rot)?, rows(&v_rot)?),
+            };
+            let pos = s.cache.len();
+            s.cache.write(index, pos, &k_store, &v_store)?;
+            let (keys, values) = s.cache.rotated(index, pos + 1)?;
+            let (keys, values) = (keys.to_dtype(xs.dtype())?, values.to_dtype(xs.dtype())?);
+            let (keys, values) = match (layer_rot, variant) {
+                (Some(r), Variant::DecodeTime) => r.unrotate_kv(&keys.contiguous()?, &values.contiguous()?)?,
+                _ => (keys, values),
+            };
+            let scores = (rows(&q)?.matmul(&keys.t()?)? * scale)?; // (kv, g, len)
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            outs.push(probs.matmul(&values)?); // (kv, g, d)
+        }
+        let out = Tensor::cat(&outs, 0)?; // (b * kv, g, d)
+        let out = match variant {
+            Variant::ProbeTime => rot.unrotate_out(&out)?,
+            Variant::DecodeTime => out,
+        };
+        Ok(self.o_proj.forward(&out.reshape((b, 1, h * d))?)?)
     }
 }

@@ -1,0 +1,131 @@
+//! Batched decode: many sequences, each in its own frame and at its own length,
+//! step together through one forward pass and get what they get alone.
+
+use candle_core::{DType, Device, Tensor};
+use kframe::cache::{KvCache, KvPrecision};
+use kframe::keys::MasterSecret;
+use kframe::model::{synth, BatchSeq, Qwen2, Variant};
+use kframe::rotation::{Frame, Keyring};
+
+fn tiny_model() -> (tempfile::TempDir, Qwen2) {
+    let tmp = tempfile::tempdir().unwrap();
+    synth::write_model_dir(tmp.path(), &synth::tiny_config(), 3).unwrap();
+    let model = kframe::model::load::ModelDir::open(tmp.path()).unwrap().load_model(DType::F32, &Device::Cpu).unwrap();
+    (tmp, model)
+}
+
+fn argmax(logits: &Tensor) -> u32 {
+    logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+/// Six sequences: the identity frame and five tenants, prompts of 3 to 23 tokens.
+fn sequences(model: &Qwen2, precision: KvPrecision) -> (Vec<Frame>, Vec<Vec<u32>>) {
+    let ring = Keyring::new(MasterSecret::from_bytes([2; 32]), model.rotation_shape(), DType::F32, precision == KvPrecision::Exact, Device::Cpu, 8);
+    let mut frames = vec![Frame::Identity];
+    frames.extend(["ana", "ben", "cy", "dee", "eli"].iter().map(|t| ring.frame(t, 0).unwrap()));
+    let prompts = (0..frames.len()).map(|i| (0..3 + 4 * i as u32).map(|j| (17 * i as u32 + 5 * j) % 250 + 1).collect()).collect();
+    (frames, prompts)
+}
+
+fn batched_matches_alone(variant: Variant, precision: KvPrecision) {
+    let (_tmp, model) = tiny_model();
+    let (frames, prompts) = sequences(&model, precision);
+    let prefill = |i: usize| -> (KvCache, u32) {
+        let mut cache = model.new_cache(precision);
+        let logits = model.forward(&prompts[i], &mut cache, &frames[i], variant).unwrap();
+        (cache, argmax(&logits))
+    };
+    // Alone: each sequence decodes by itself.
+    let alone: Vec<Vec<u32>> = (0..frames.len())
+        .map(|i| {
+            let (mut cache, mut next) = prefill(i);
+            let mut out = vec![next];
+            for _ in 0..12 {
+                next = argmax(&model.forward(&[next], &mut cache, &frames[i], variant).unwrap());
+                out.push(next);
+            }
+            out
+        })
+        .collect();
+    // Together: one batched step per token.
+    let (mut caches, mut next): (Vec<KvCache>, Vec<u32>) = (0..frames.len()).map(prefill).unzip();
+    let mut together: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+    for _ in 0..12 {
+        let mut seqs: Vec<BatchSeq> = caches
+            .iter_mut()
+            .zip(&frames)
+            .zip(&next)
+            .map(|((cache, frame), &token)| BatchSeq { token, cache, frame })
+            .collect();
+        let logits = model.decode_batch(&mut seqs, variant).unwrap();
+        assert_eq!(logits.dims(), &[frames.len(), model.config().vocab_size]);
+        for (i, t) in next.iter_mut().enumerate() {
+            *t = argmax(&logits.get(i).unwrap());
+            together[i].push(*t);
+        }
+    }
+    assert_eq!(together, alone);
+    for (cache, prompt) in caches.iter().zip(&prompts) {
+        assert_eq!(cache.len(), prompt.len() + 12);
+    }
+}
+
+#[test]
+fn batched_decode_gives_each_sequence_its_solo_tokens_probe_time() {
+    batched_matches_alone(Variant::ProbeTime, KvPrecision::Native);
+}
+
+#[test]
+fn batched_decode_gives_each_sequence_its_solo_tokens_decode_time() {
+    batched_matches_alone(Variant::DecodeTime, KvPrecision::Native);
+}
+
+#[test]
+fn batched_decode_gives_each_sequence_its_solo_tokens_with_exact_caches() {
+    batched_matches_alone(Variant::ProbeTime, KvPrecision::Exact);
+}
+
+#[test]
+fn batched_logits_match_solo_logits_to_1e4() {
+    let (_tmp, model) = tiny_model();
+    let (frames, prompts) = sequences(&model, KvPrecision::Native);
+    let mut solo = Vec::new();
+    let mut caches = Vec::new();
+    for (frame, prompt) in frames.iter().zip(&prompts) {
+        let mut a = model.new_cache(KvPrecision::Native);
+        model.forward(prompt, &mut a, frame, Variant::ProbeTime).unwrap();
+        let mut b = model.new_cache(KvPrecision::Native);
+        model.forward(prompt, &mut b, frame, Variant::ProbeTime).unwrap();
+        solo.push(model.forward(&[7], &mut a, frame, Variant::ProbeTime).unwrap());
+        caches.push(b);
+    }
+    let mut seqs: Vec<BatchSeq> = caches.iter_mut().zip(&frames).map(|(cache, frame)| BatchSeq { token: 7, cache, frame }).collect();
+    let batched = model.decode_batch(&mut seqs, Variant::ProbeTime).unwrap();
+    for (i, s) in solo.iter().enumerate() {
+        let diff = (s - batched.get(i).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-4, "sequence {i}: max |batched - solo| = {diff}");
+    }
+}
+
+#[test]
+fn batched_decode_rejects_a_bad_token_without_touching_any_cache() {
+    let (_tmp, model) = tiny_model();
+    let (frames, prompts) = sequences(&model, KvPrecision::Native);
+    let mut caches: Vec<KvCache> = frames
+        .iter()
+        .zip(&prompts)
+        .map(|(f, p)| {
+            let mut c = model.new_cache(KvPrecision::Native);
+            model.forward(p, &mut c, f, Variant::ProbeTime).unwrap();
+            c
+        })
+        .collect();
+    let vocab = model.config().vocab_size as u32;
+    let mut seqs: Vec<BatchSeq> =
+        caches.iter_mut().zip(&frames).enumerate().map(|(i, (cache, frame))| BatchSeq { token: if i == 3 { vocab } else { 1 }, cache, frame }).collect();
+    let err = model.decode_batch(&mut seqs, Variant::ProbeTime).unwrap_err();
+    assert!(matches!(err, kframe::Error::UnknownToken { .. }), "{err}");
+    for (cache, prompt) in caches.iter().zip(&prompts) {
+        assert_eq!(cache.len(), prompt.len());
+    }
+}
