@@ -30,7 +30,15 @@ fn synth_model(dir: &Path) {
 }
 
 fn generate(model: &Path, data: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--max-tokens", "12"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--max-tokens",
+        "12",
+    ];
     args.extend_from_slice(extra);
     kframe(&args)
 }
@@ -98,7 +106,9 @@ fn bench_rotation_json_has_the_ratio_fields() {
     let out = kframe(&["bench", "rotation", "--json", "--layers", "1", "--rounds", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    for field in ["probe_over_identity_ctx512", "probe_over_identity_ctx4096", "decode_over_probe_ctx4096", "kframe_over_candle"] {
+    for field in
+        ["probe_over_identity_ctx512", "probe_over_identity_ctx4096", "decode_over_probe_ctx4096", "kframe_over_candle"]
+    {
         let v = report[field].as_f64().unwrap_or_else(|| panic!("{field} missing in {report}"));
         assert!(v.is_finite() && v > 0.0, "{field} = {v}");
     }
@@ -108,7 +118,8 @@ fn bench_rotation_json_has_the_ratio_fields() {
 #[test]
 fn generate_without_a_model_uses_the_embedded_one_and_recalls_a_chat_code() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompt = "<|im_start|>user\nremember code 4821<|im_end|>\n<|im_start|>assistant\nok , i will remember it .<|im_end|>\n\
+    let prompt =
+        "<|im_start|>user\nremember code 4821<|im_end|>\n<|im_start|>assistant\nok , i will remember it .<|im_end|>\n\
                   <|im_start|>user\nwhat is my code ?<|im_end|>\n<|im_start|>assistant\n";
     let data = tmp.path().to_str().unwrap();
     let out = kframe(&["generate", "--prompt", prompt, "--tenant", "carol", "--data-dir", data, "--max-tokens", "8"]);
@@ -170,7 +181,15 @@ fn plugin_check_accepts_every_shipped_plugin_and_rejects_malformed_components() 
     let text = stdout(&out);
     assert!(text.contains("core.wasm: rejected: not a valid component: a core WebAssembly module"), "{text}");
     assert!(text.contains("random.wasm: rejected: not a valid component"), "{text}");
-    let bad_config = kframe(&["plugin", "check", "--deadline-ms", "2000", "--config", "every=0", &kframe::plugin::shipped("verify-sampled").display().to_string()]);
+    let bad_config = kframe(&[
+        "plugin",
+        "check",
+        "--deadline-ms",
+        "2000",
+        "--config",
+        "every=0",
+        &kframe::plugin::shipped("verify-sampled").display().to_string(),
+    ]);
     assert!(stdout(&bad_config).contains("refused its configuration"), "{}", stdout(&bad_config));
 
     // The hostile fixture misbehaves as configured; its trial decision exposes it.

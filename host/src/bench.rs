@@ -73,7 +73,9 @@ fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<f64> {
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     format!("{cpu}, {cores} cores, {}", std::env::consts::OS)
@@ -138,7 +140,8 @@ pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> 
     if let Ok(dir) = ModelDir::embedded() {
         progress("the embedded model");
         let embedded = dir.load_model(DType::F32, &device)?;
-        let ring = Keyring::new(MasterSecret::random(), embedded.rotation_shape(), DType::F32, false, device.clone(), 4);
+        let ring =
+            Keyring::new(MasterSecret::random(), embedded.rotation_shape(), DType::F32, false, device.clone(), 4);
         let embedded_tenant = ring.frame("bench-tenant", 0)?;
         for ctx in [512, 1000].into_iter().filter(|&c| c < embedded.config().max_position_embeddings) {
             embedded_contexts.push(time_variants(&embedded, &embedded_tenant, ctx, opts.rounds)?);
@@ -170,8 +173,13 @@ pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> 
     Ok(RotationReport {
         model: format!(
             "random Qwen2 with Qwen2.5-3B layer shape: {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, intermediate {}, vocab {}, f32",
-            cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-            cfg.intermediate_size, cfg.vocab_size
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            cfg.vocab_size
         ),
         machine: machine(),
         rounds: opts.rounds,
@@ -193,7 +201,12 @@ impl RotationReport {
         for c in &self.contexts {
             s += &format!(
                 "{:>7}  {:>14.2}  {:>16.2}  {:>17.2}  {:>14.3}  {:>15.3}\n",
-                c.context, c.identity_tok_s, c.probe_tok_s, c.decode_tok_s, c.probe_over_identity, c.decode_over_identity
+                c.context,
+                c.identity_tok_s,
+                c.probe_tok_s,
+                c.decode_tok_s,
+                c.probe_over_identity,
+                c.decode_over_identity
             );
         }
         if !self.embedded_model.is_empty() {
@@ -202,7 +215,12 @@ impl RotationReport {
         for c in &self.embedded_model {
             s += &format!(
                 "{:>7}  {:>14.2}  {:>16.2}  {:>17.2}  {:>14.3}  {:>15.3}\n",
-                c.context, c.identity_tok_s, c.probe_tok_s, c.decode_tok_s, c.probe_over_identity, c.decode_over_identity
+                c.context,
+                c.identity_tok_s,
+                c.probe_tok_s,
+                c.decode_tok_s,
+                c.probe_over_identity,
+                c.decode_over_identity
             );
         }
         s += &format!(
@@ -239,11 +257,14 @@ fn median_us(samples: usize, mut f: impl FnMut()) -> f64 {
 }
 
 pub fn plugins() -> anyhow::Result<PluginReport> {
-    use crate::plugin::{fallback::EntryMirror, shipped, Entry, Limits, Load, PluginRuntime, PolicyKind, PolicySet, Request};
+    use crate::plugin::{
+        fallback::EntryMirror, shipped, Entry, Limits, Load, PluginRuntime, PolicyKind, PolicySet, Request,
+    };
     let set = PolicySet::new(PluginRuntime::new(Limits::default(), None)?);
     for (kind, name) in [(PolicyKind::Eviction, "lru"), (PolicyKind::Admission, "capacity")] {
         let path = shipped(name);
-        let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}; run scripts/build-plugins.sh", path.display()))?;
+        let bytes = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}; run scripts/build-plugins.sh", path.display()))?;
         set.swap(kind, name, &bytes, "")?;
     }
     let entries = 1000;
@@ -283,7 +304,12 @@ impl PluginReport {
         format!(
             "machine: {}\nmedians of {} calls\neviction decision over {} entries (lru component): {:.1} us\n\
              native LRU over the same entries: {:.1} us\nadmission decision (capacity component): {:.1} us\n",
-            self.machine, self.samples, self.entries, self.eviction_1000_us_median, self.native_eviction_1000_us_median, self.admission_us_median
+            self.machine,
+            self.samples,
+            self.entries,
+            self.eviction_1000_us_median,
+            self.native_eviction_1000_us_median,
+            self.admission_us_median
         )
     }
 }

@@ -82,28 +82,83 @@ impl KvCache {
 
     /// Writes (kv, t, d) rotated rows at `pos` of `layer`, growing the buffer if needed.
     pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let t = k.dim(1)?;
-        let needed = pos + t;
-        let CacheShape { kv_heads, head_dim, max_len, .. } = self.shape;
-        let capacity = self.layers[layer].as_ref().map_or(0, |l| l.k.dim(1).unwrap_or(0));
-        if needed > capacity {
-            let new_cap = needed.next_power_of_two().max(64).min(max_len.max(needed));
-            let k_new = Tensor::zeros((kv_heads, new_cap, head_dim), self.store, &self.device)?;
-            let v_new = Tensor::zeros((kv_heads, new_cap, head_dim), self.store, &self.device)?;
-            if let Some(old) = self.layers[layer].take() {
-                if pos > 0 {
-                    k_new.slice_set(&old.k.narrow(1, 0, pos)?.contiguous()?, 1, 0)?;
-                    v_new.slice_set(&old.v.narrow(1, 0, pos)?.contiguous()?, 1, 0)?;
-                }
-                old.k.zero_set()?;
-                old.v.zero_set()?;
-            }
-            self.layers[layer] = Some(LayerKv { k: k_new, v: v_new });
+        let needed = pos + k.dim(1)?;
+        if needed > self.capacity(layer) {
+            let new_cap = needed.next_power_of_two().max(64).min(self.shape.max_len.max(needed));
+            self.reallocate(layer, new_cap, pos)?;
         }
         let buf = self.layers[layer].as_ref().expect("allocated above");
         buf.k.slice_set(&k.to_dtype(self.store)?.contiguous()?, 1, pos)?;
         buf.v.slice_set(&v.to_dtype(self.store)?.contiguous()?, 1, pos)?;
         Ok(())
+    }
+
+    fn capacity(&self, layer: usize) -> usize {
+        self.layers[layer].as_ref().map_or(0, |l| l.k.dims()[1])
+    }
+
+    /// Moves `layer` into buffers of `cap` rows, keeping its first `keep` rows and
+    /// zeroing the old buffers.
+    fn reallocate(&mut self, layer: usize, cap: usize, keep: usize) -> Result<()> {
+        let CacheShape { kv_heads, head_dim, .. } = self.shape;
+        let k_new = Tensor::zeros((kv_heads, cap, head_dim), self.store, &self.device)?;
+        let v_new = Tensor::zeros((kv_heads, cap, head_dim), self.store, &self.device)?;
+        if let Some(old) = self.layers[layer].take() {
+            if keep > 0 {
+                k_new.slice_set(&old.k.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
+                v_new.slice_set(&old.v.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
+            }
+            old.k.zero_set()?;
+            old.v.zero_set()?;
+        }
+        self.layers[layer] = Some(LayerKv { k: k_new, v: v_new });
+        Ok(())
+    }
+
+    /// Allocates room for `tokens` tokens in every layer now, so that a sequence
+    /// whose budget was reserved never allocates mid-generation.
+    pub fn reserve(&mut self, tokens: usize) -> Result<()> {
+        let tokens = tokens.min(self.shape.max_len);
+        for layer in 0..self.shape.layers {
+            if tokens > self.capacity(layer) {
+                self.reallocate(layer, tokens, self.len)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees the rows past the cached length: a session kept between requests
+    /// holds only what it uses.
+    pub fn shrink_to_fit(&mut self) -> Result<()> {
+        for layer in 0..self.shape.layers {
+            if self.capacity(layer) > self.len {
+                if self.len == 0 {
+                    if let Some(old) = self.layers[layer].take() {
+                        old.k.zero_set()?;
+                        old.v.zero_set()?;
+                    }
+                } else {
+                    self.reallocate(layer, self.len, self.len)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes allocated for `tokens` tokens of this shape and storage dtype: what a
+    /// memory budget counts.
+    pub fn bytes_for(shape: CacheShape, store: DType, tokens: usize) -> usize {
+        2 * shape.layers * shape.kv_heads * shape.head_dim * tokens.min(shape.max_len) * store.size_in_bytes()
+    }
+
+    /// Bytes this cache holds allocated (its capacity, not just its length).
+    pub fn allocated_bytes(&self) -> usize {
+        let row = 2 * self.shape.kv_heads * self.shape.head_dim * self.store.size_in_bytes();
+        (0..self.shape.layers).map(|l| row * self.capacity(l)).sum()
+    }
+
+    pub fn shape(&self) -> CacheShape {
+        self.shape
     }
 
     /// The first `len` rotated rows of `layer` as (kv, len, d) in the storage dtype.
@@ -199,7 +254,13 @@ impl RoundTrip {
     /// Compares two tensors of the same dtype element by element, bit for bit.
     pub fn compare(plain: &Tensor, recovered: &Tensor) -> Result<Self> {
         if plain.dtype() != recovered.dtype() || plain.shape() != recovered.shape() {
-            candle_core::bail!("round trip: {:?}{:?} vs {:?}{:?}", plain.dtype(), plain.shape(), recovered.dtype(), recovered.shape());
+            candle_core::bail!(
+                "round trip: {:?}{:?} vs {:?}{:?}",
+                plain.dtype(),
+                plain.shape(),
+                recovered.dtype(),
+                recovered.shape()
+            );
         }
         let bits = |t: &Tensor| -> Result<Vec<u64>> {
             let t = t.flatten_all()?;

@@ -200,7 +200,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Eval(EvalCommand::Recall { model, tenants, records, seed, variant, json }) => {
             let (dir, generator) = load(&model)?;
-            let ring = Keyring::new(MasterSecret::random(), generator.model.rotation_shape(), generator.model.dtype(), false, generator.model.device().clone(), 16);
+            let ring = Keyring::new(
+                MasterSecret::random(),
+                generator.model.rotation_shape(),
+                generator.model.dtype(),
+                false,
+                generator.model.device().clone(),
+                16,
+            );
             let opts = RecallOptions { tenants, records, seed, variant };
             let bar = indicatif::ProgressBar::new(tenants as u64);
             let mut report = eval::recall::recall(&generator, &ring, &opts, |done| bar.set_position(done as u64))?;
@@ -264,7 +271,12 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
     };
     let prompt = generator.encode(&args.prompt)?;
-    let params = SamplingParams { max_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed };
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
     let mut out = std::io::stdout().lock();
     let result = generator.generate(&prompt, &frame, args.variant, args.kv_precision, &params, |piece| {
         let _ = out.write_all(piece.as_bytes());

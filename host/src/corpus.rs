@@ -187,7 +187,11 @@ impl Corpus {
         let (name, code) = pairs.choose(&mut self.rng).expect("k >= 1").clone();
         // The question keeps its leading space, so the context's tokens are a prefix
         // of the whole prompt's (byte-level BPE splits before a space).
-        RecallItem { context: context.trim_end().to_owned(), question: format!(" query {name} secret"), answer: format!(" {code}") }
+        RecallItem {
+            context: context.trim_end().to_owned(),
+            question: format!(" query {name} secret"),
+            answer: format!(" {code}"),
+        }
     }
 }
 

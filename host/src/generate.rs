@@ -42,6 +42,62 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
+/// Turns generated tokens into text as it forms whole characters: a multi-byte
+/// character split across tokens decodes as U+FFFD until its last byte arrives.
+#[derive(Default)]
+pub struct TextStream {
+    tokens: Vec<u32>,
+    emitted: usize,
+}
+
+impl TextStream {
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Adds a token; returns the new text, if any is complete.
+    pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<Option<String>> {
+        self.tokens.push(token);
+        let text = decode(tokenizer, &self.tokens)?;
+        if text.len() > self.emitted && text.is_char_boundary(self.emitted) && !text.ends_with('\u{FFFD}') {
+            let piece = text[self.emitted..].to_owned();
+            self.emitted = text.len();
+            return Ok(Some(piece));
+        }
+        Ok(None)
+    }
+
+    /// Whatever text is still held back (an incomplete character at the end).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<Option<String>> {
+        let text = decode(tokenizer, &self.tokens)?;
+        if text.len() > self.emitted && text.is_char_boundary(self.emitted) {
+            let piece = text[self.emitted..].to_owned();
+            self.emitted = text.len();
+            return Ok(Some(piece));
+        }
+        Ok(None)
+    }
+
+    pub fn into_parts(self, tokenizer: &Tokenizer) -> Result<(Vec<u32>, String)> {
+        let text = decode(tokenizer, &self.tokens)?;
+        Ok((self.tokens, text))
+    }
+}
+
+fn decode(tokenizer: &Tokenizer, tokens: &[u32]) -> Result<String> {
+    tokenizer.decode(tokens, true).map_err(|e| Error::Tokenizer(e.to_string()))
+}
+
+/// The sampler `params` ask for, seeded.
+pub fn sampler(params: &SamplingParams) -> LogitsProcessor {
+    let sampling = match (params.temperature, params.top_p) {
+        (t, _) if t <= 0.0 => Sampling::ArgMax,
+        (temperature, Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
+        (temperature, _) => Sampling::All { temperature },
+    };
+    LogitsProcessor::from_sampling(params.seed, sampling)
+}
+
 pub struct Generator {
     pub model: Qwen2,
     pub tokenizer: Tokenizer,
@@ -66,7 +122,7 @@ impl Generator {
     }
 
     pub fn decode(&self, tokens: &[u32]) -> Result<String> {
-        self.tokenizer.decode(tokens, true).map_err(|e| Error::Tokenizer(e.to_string()))
+        decode(&self.tokenizer, tokens)
     }
 
     /// Prefills `prompt` in `frame`, then decodes until an end-of-sequence token,
@@ -101,40 +157,29 @@ impl Generator {
         if cache.len() + prompt.len() > max_len {
             return Err(Error::ContextTooLong { needed: cache.len() + prompt.len(), max: max_len });
         }
-        let sampling = match (params.temperature, params.top_p) {
-            (t, _) if t <= 0.0 => Sampling::ArgMax,
-            (temperature, Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
-            (temperature, _) => Sampling::All { temperature },
-        };
-        let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling);
+        let mut sampler = sampler(params);
         let mut logits = self.model.forward(prompt, cache, frame, variant)?;
-        let mut tokens = Vec::new();
-        let mut emitted = 0;
+        let mut text = TextStream::default();
         let finish = loop {
-            if tokens.len() >= params.max_tokens {
+            if text.tokens().len() >= params.max_tokens {
                 break FinishReason::Length;
             }
             let next = sampler.sample(&logits)?;
             if self.eos_token_ids.contains(&next) {
                 break FinishReason::Stop;
             }
-            tokens.push(next);
-            let text = self.decode(&tokens)?;
-            // A multi-byte character split across tokens decodes as U+FFFD until
-            // its last byte arrives.
-            if text.len() > emitted && text.is_char_boundary(emitted) && !text.ends_with('\u{FFFD}') {
-                on_text(&text[emitted..]);
-                emitted = text.len();
+            if let Some(piece) = text.push(&self.tokenizer, next)? {
+                on_text(&piece);
             }
-            if tokens.len() >= params.max_tokens || cache.len() >= max_len {
+            if text.tokens().len() >= params.max_tokens || cache.len() >= max_len {
                 break FinishReason::Length;
             }
             logits = self.model.forward(&[next], cache, frame, variant)?;
         };
-        let text = self.decode(&tokens)?;
-        if text.len() > emitted && text.is_char_boundary(emitted) {
-            on_text(&text[emitted..]);
+        if let Some(piece) = text.finish(&self.tokenizer)? {
+            on_text(&piece);
         }
+        let (tokens, text) = text.into_parts(&self.tokenizer)?;
         Ok(Generation { prompt_tokens: prompt.len(), tokens, text, finish })
     }
 }

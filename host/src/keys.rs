@@ -24,9 +24,7 @@ impl MasterSecret {
 
     pub fn random() -> Self {
         let mut bytes = Zeroizing::new([0u8; 32]);
-        rand::rngs::OsRng
-            .try_fill_bytes(bytes.as_mut())
-            .expect("the operating system's random source failed");
+        rand::rngs::OsRng.try_fill_bytes(bytes.as_mut()).expect("the operating system's random source failed");
         Self(bytes)
     }
 
@@ -40,9 +38,10 @@ impl MasterSecret {
             Ok(bytes) => {
                 check_private(&path).map_err(err)?;
                 let bytes = Zeroizing::new(bytes);
-                let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-                    err(format!("expected 32 bytes, found {}", bytes.len()))
-                })?;
+                let arr: [u8; 32] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| err(format!("expected 32 bytes, found {}", bytes.len())))?;
                 Ok(Self::from_bytes(arr))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

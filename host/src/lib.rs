@@ -10,6 +10,8 @@
 //! - [`model`]: the Qwen2 forward pass with rotated attention; loading Hugging Face
 //!   directories ([`model::load`]); config parsing; random-weight models for tests.
 //! - [`generate`]: prefill, decode and sampling for one sequence.
+//! - [`engine`]: the multi-tenant scheduler: sessions, batched decode across
+//!   tenants, the memory budget and the policies that keep it.
 //! - [`device`]: CPU / CUDA / Metal selection.
 //! - [`bench`]: the benchmarks behind `kframe bench`.
 //! - [`cli`]: the command line.
@@ -22,6 +24,7 @@ pub mod cache;
 pub mod cli;
 pub mod corpus;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;

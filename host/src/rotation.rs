@@ -59,12 +59,7 @@ impl Mats {
     fn new(r: &[f64], s: &[f64], shape: (usize, usize, usize), dtype: DType, device: &Device) -> Result<Self> {
         let r = Tensor::from_slice(r, shape, device)?.to_dtype(dtype)?;
         let s = Tensor::from_slice(s, shape, device)?.to_dtype(dtype)?;
-        Ok(Self {
-            r_t: r.transpose(1, 2)?.contiguous()?,
-            s_t: s.transpose(1, 2)?.contiguous()?,
-            r,
-            s,
-        })
+        Ok(Self { r_t: r.transpose(1, 2)?.contiguous()?, s_t: s.transpose(1, 2)?.contiguous()?, r, s })
     }
 
     fn zeroize(&self) {
@@ -142,7 +137,14 @@ pub struct BatchRotation {
 }
 
 impl BatchRotation {
-    pub fn new(frames: &[&Frame], layer: usize, kv_heads: usize, d: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        frames: &[&Frame],
+        layer: usize,
+        kv_heads: usize,
+        d: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let eye = Tensor::eye(d, dtype, device)?.unsqueeze(0)?.repeat((kv_heads, 1, 1))?;
         let pick = |f: fn(&Mats) -> &Tensor| -> Result<Tensor> {
             let parts: Vec<&Tensor> =
@@ -255,9 +257,23 @@ pub struct Keyring {
 }
 
 impl Keyring {
-    pub fn new(master: MasterSecret, shape: RotationShape, dtype: DType, exact: bool, device: Device, capacity: usize) -> Self {
+    pub fn new(
+        master: MasterSecret,
+        shape: RotationShape,
+        dtype: DType,
+        exact: bool,
+        device: Device,
+        capacity: usize,
+    ) -> Self {
         let capacity = NonZeroUsize::new(capacity.max(1)).expect("capacity is at least 1");
         Self { master, shape, dtype, exact, device, cache: Mutex::new(lru::LruCache::new(capacity)) }
+    }
+
+    /// Drops the cached rotations of (tenant, epoch); they are zeroed once no
+    /// sequence holds them. The next `frame` call derives them again.
+    pub fn forget(&self, tenant: &str, epoch: u64) {
+        let id = TenantKey::derive(&self.master, tenant, epoch).fingerprint();
+        self.cache.lock().expect("keyring lock").pop(&id);
     }
 
     pub fn frame(&self, tenant: &str, epoch: u64) -> Result<Frame> {

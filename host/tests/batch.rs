@@ -20,10 +20,18 @@ fn argmax(logits: &Tensor) -> u32 {
 
 /// Six sequences: the identity frame and five tenants, prompts of 3 to 23 tokens.
 fn sequences(model: &Qwen2, precision: KvPrecision) -> (Vec<Frame>, Vec<Vec<u32>>) {
-    let ring = Keyring::new(MasterSecret::from_bytes([2; 32]), model.rotation_shape(), DType::F32, precision == KvPrecision::Exact, Device::Cpu, 8);
+    let ring = Keyring::new(
+        MasterSecret::from_bytes([2; 32]),
+        model.rotation_shape(),
+        DType::F32,
+        precision == KvPrecision::Exact,
+        Device::Cpu,
+        8,
+    );
     let mut frames = vec![Frame::Identity];
     frames.extend(["ana", "ben", "cy", "dee", "eli"].iter().map(|t| ring.frame(t, 0).unwrap()));
-    let prompts = (0..frames.len()).map(|i| (0..3 + 4 * i as u32).map(|j| (17 * i as u32 + 5 * j) % 250 + 1).collect()).collect();
+    let prompts =
+        (0..frames.len()).map(|i| (0..3 + 4 * i as u32).map(|j| (17 * i as u32 + 5 * j) % 250 + 1).collect()).collect();
     (frames, prompts)
 }
 
@@ -99,7 +107,8 @@ fn batched_logits_match_solo_logits_to_1e4() {
         solo.push(model.forward(&[7], &mut a, frame, Variant::ProbeTime).unwrap());
         caches.push(b);
     }
-    let mut seqs: Vec<BatchSeq> = caches.iter_mut().zip(&frames).map(|(cache, frame)| BatchSeq { token: 7, cache, frame }).collect();
+    let mut seqs: Vec<BatchSeq> =
+        caches.iter_mut().zip(&frames).map(|(cache, frame)| BatchSeq { token: 7, cache, frame }).collect();
     let batched = model.decode_batch(&mut seqs, Variant::ProbeTime).unwrap();
     for (i, s) in solo.iter().enumerate() {
         let diff = (s - batched.get(i).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -121,8 +130,12 @@ fn batched_decode_rejects_a_bad_token_without_touching_any_cache() {
         })
         .collect();
     let vocab = model.config().vocab_size as u32;
-    let mut seqs: Vec<BatchSeq> =
-        caches.iter_mut().zip(&frames).enumerate().map(|(i, (cache, frame))| BatchSeq { token: if i == 3 { vocab } else { 1 }, cache, frame }).collect();
+    let mut seqs: Vec<BatchSeq> = caches
+        .iter_mut()
+        .zip(&frames)
+        .enumerate()
+        .map(|(i, (cache, frame))| BatchSeq { token: if i == 3 { vocab } else { 1 }, cache, frame })
+        .collect();
     let err = model.decode_batch(&mut seqs, Variant::ProbeTime).unwrap_err();
     assert!(matches!(err, kframe::Error::UnknownToken { .. }), "{err}");
     for (cache, prompt) in caches.iter().zip(&prompts) {

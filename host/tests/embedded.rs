@@ -22,12 +22,17 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn embedded_copy_and_model_directory_give_identical_logits() {
-    let from_dir = Generator::load(&ModelDir::open(&embedded_model_source_dir()).unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let from_dir =
+        Generator::load(&ModelDir::open(&embedded_model_source_dir()).unwrap(), DType::F32, &Device::Cpu).unwrap();
     let compiled = embedded();
     let text = "user alice secret 4821 . query alice secret";
     let ids = compiled.encode(text).unwrap();
     assert_eq!(ids, from_dir.encode(text).unwrap());
-    let run = |g: &Generator| g.model.forward(&ids, &mut g.model.new_cache(KvPrecision::Native), &Frame::Identity, Variant::ProbeTime).unwrap();
+    let run = |g: &Generator| {
+        g.model
+            .forward(&ids, &mut g.model.new_cache(KvPrecision::Native), &Frame::Identity, Variant::ProbeTime)
+            .unwrap()
+    };
     assert_eq!(max_abs_diff(&run(&compiled), &run(&from_dir)), 0.0);
 }
 
@@ -49,7 +54,8 @@ struct Case {
 /// code with.
 #[test]
 fn logits_and_greedy_tokens_match_the_hugging_face_reference() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf_reference.json")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf_reference.json")).unwrap();
     let fixture: Fixture = serde_json::from_str(&text).unwrap();
     let g = embedded();
     let mut worst = 0f32;

@@ -36,7 +36,8 @@ const PROMPT: [u32; 12] = [72, 101, 108, 108, 111, 44, 32, 116, 101, 110, 97, 11
 fn identity_matches_candle(cfg: Config) {
     let (_tmp, dir) = model_dir(&cfg);
     let model = dir.load_model(DType::F32, &Device::Cpu).unwrap();
-    let mut reference = ModelForCausalLM::new(&cfg.to_candle(), dir.var_builder(DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let mut reference =
+        ModelForCausalLM::new(&cfg.to_candle(), dir.var_builder(DType::F32, &Device::Cpu).unwrap()).unwrap();
     let mut cache = model.new_cache(KvPrecision::Native);
     let ours = model.forward(&PROMPT, &mut cache, &Frame::Identity, Variant::ProbeTime).unwrap();
     let ids = Tensor::new(&PROMPT, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
@@ -65,7 +66,13 @@ fn identity_key_matches_candle_with_tied_embeddings_and_plain_mha() {
 }
 
 /// Greedy tokens and per-step logits of a run that feeds back its own argmax.
-fn greedy(model: &Qwen2, frame: &Frame, variant: Variant, precision: KvPrecision, steps: usize) -> (Vec<u32>, Vec<Tensor>) {
+fn greedy(
+    model: &Qwen2,
+    frame: &Frame,
+    variant: Variant,
+    precision: KvPrecision,
+    steps: usize,
+) -> (Vec<u32>, Vec<Tensor>) {
     let mut cache = model.new_cache(precision);
     let mut logits = model.forward(&PROMPT, &mut cache, frame, variant).unwrap();
     let (mut tokens, mut all) = (Vec::new(), Vec::new());
@@ -98,7 +105,11 @@ fn tenant_keys_give_identity_greedy_tokens_for_32_steps_in_both_variants() {
 }
 
 /// Runs a prompt and 4 decode steps, keeping the plaintext K and V each layer wrote.
-fn traced_run(model: &Qwen2, frame: &Frame, precision: KvPrecision) -> (kframe::cache::KvCache, Vec<Tensor>, Vec<Tensor>) {
+fn traced_run(
+    model: &Qwen2,
+    frame: &Frame,
+    precision: KvPrecision,
+) -> (kframe::cache::KvCache, Vec<Tensor>, Vec<Tensor>) {
     let mut cache = model.new_cache(precision);
     let layers = model.config().num_hidden_layers;
     let (mut ks, mut vs) = (vec![Vec::new(); layers], vec![Vec::new(); layers]);
@@ -125,7 +136,8 @@ fn round_trip(dtype: DType, precision: KvPrecision) -> RoundTrip {
     let mut total: Option<RoundTrip> = None;
     for layer in 0..model.config().num_hidden_layers {
         let (k, v) = cache.recover(layer, &frame).unwrap();
-        let rt = RoundTrip::compare(&plain_k[layer], &k).unwrap().merge(RoundTrip::compare(&plain_v[layer], &v).unwrap());
+        let rt =
+            RoundTrip::compare(&plain_k[layer], &k).unwrap().merge(RoundTrip::compare(&plain_v[layer], &v).unwrap());
         total = Some(total.map_or(rt, |t| t.merge(rt)));
     }
     total.unwrap()
@@ -161,7 +173,8 @@ fn tenant_cache_holds_no_plaintext_rows() {
     for (layer, plain) in plain_k.iter().enumerate() {
         let (stored, _) = cache.rotated(layer, cache.len()).unwrap();
         let dot = (stored.contiguous().unwrap() * plain).unwrap().sum(2).unwrap();
-        let norms = (stored.sqr().unwrap().sum(2).unwrap() * plain.sqr().unwrap().sum(2).unwrap()).unwrap().sqrt().unwrap();
+        let norms =
+            (stored.sqr().unwrap().sum(2).unwrap() * plain.sqr().unwrap().sum(2).unwrap()).unwrap().sqrt().unwrap();
         let worst = (dot / norms).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(worst < 0.5, "layer {layer}: a cached row has cosine {worst} with its plaintext");
     }
@@ -229,15 +242,25 @@ fn sharded_safetensors_load_through_the_index() {
     for (i, (name, t)) in all.into_iter().enumerate() {
         let shard = if i % 2 == 0 { "model-00001-of-00002.safetensors" } else { "model-00002-of-00002.safetensors" };
         map.insert(name.clone(), shard.into());
-        if i % 2 == 0 { a.insert(name, t) } else { b.insert(name, t) };
+        if i % 2 == 0 {
+            a.insert(name, t)
+        } else {
+            b.insert(name, t)
+        };
     }
     candle_core::safetensors::save(&a, tmp.path().join("model-00001-of-00002.safetensors")).unwrap();
     candle_core::safetensors::save(&b, tmp.path().join("model-00002-of-00002.safetensors")).unwrap();
-    std::fs::write(tmp.path().join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    std::fs::write(
+        tmp.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
     std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
     let dir = ModelDir::open(tmp.path()).unwrap();
     assert!(matches!(&dir.weights, kframe::model::load::Weights::Files(f) if f.len() == 2));
     let sharded = dir.load_model(DType::F32, &Device::Cpu).unwrap();
-    let run = |m: &Qwen2| m.forward(&PROMPT, &mut m.new_cache(KvPrecision::Native), &Frame::Identity, Variant::ProbeTime).unwrap();
+    let run = |m: &Qwen2| {
+        m.forward(&PROMPT, &mut m.new_cache(KvPrecision::Native), &Frame::Identity, Variant::ProbeTime).unwrap()
+    };
     assert_eq!(max_abs_diff(&run(&single), &run(&sharded)), 0.0);
 }

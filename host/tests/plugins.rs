@@ -4,14 +4,16 @@
 //! README's test command runs first.
 
 use kframe::plugin::{
-    shipped, Admission, DecidedBy, Entry, Failure, LayerGate, Limits, Load, ModelShape, PluginRuntime, PolicyKind, PolicySet, Request,
+    shipped, Admission, DecidedBy, Entry, Failure, LayerGate, Limits, Load, ModelShape, PluginRuntime, PolicyKind,
+    PolicySet, Request,
 };
 use std::sync::Arc;
 use std::time::Duration;
 
 fn bytes(name: &str) -> Vec<u8> {
     let path = shipped(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; build the plugins with scripts/build-plugins.sh", path.display()))
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; build the plugins with scripts/build-plugins.sh", path.display()))
 }
 
 fn runtime(limits: Limits) -> Arc<PluginRuntime> {
@@ -298,8 +300,10 @@ fn every_shipped_plugin_is_identified_by_its_world() {
 
 #[test]
 fn the_third_party_example_policy_loads_and_evicts_first_in_first_out() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fifo-eviction/target/wasm32-wasip2/release/fifo_eviction.wasm");
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-plugins.sh", path.display()));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/fifo-eviction/target/wasm32-wasip2/release/fifo_eviction.wasm");
+    let bytes =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-plugins.sh", path.display()));
     let set = PolicySet::new(runtime(relaxed()));
     scripted(&set);
     set.swap(PolicyKind::Eviction, "fifo", &bytes, "").unwrap();

@@ -11,13 +11,15 @@ Hugging Face directory that kframe embeds.
     cargo build --release -p kframe
     .venv/bin/python host/train/train_tiny.py --kframe target/release/kframe --out host/model
 
-Everything is seeded; on 2 CPU cores a run takes tens of minutes. kframe never
+Everything is seeded. On 2 CPU cores a run takes hours: it stops after --minutes
+with a checkpoint, and the same command resumes it. kframe never
 needs Python at run time: the result is committed.
 """
 import argparse
 import json
 import math
 import random
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -65,19 +67,48 @@ def train_tokenizer(texts, vocab_size):
     return tok
 
 
-def encode_doc(tok, doc):
-    """Token ids and per-token loss weights (targets weigh more)."""
-    text = "".join(s["text"] for s in doc["segments"])
-    spans, pos = [], 0
-    for s in doc["segments"]:
-        if s["target"]:
-            spans.append((pos, pos + len(s["text"])))
-        pos += len(s["text"])
-    enc = tok.encode(text)
-    weights = []
-    for a, b in enc.offsets:
-        weights.append(5.0 if any(a < e and b > s for s, e in spans) else 1.0)
-    return enc.ids, weights
+def encode_docs(tok, docs, other_weight):
+    """Token ids and per-token loss weights. Answers weigh 1; everything else
+    (filler, records whose digits are random anyway) weighs `other_weight`, so the
+    gradient is mostly about retrieval."""
+    texts = ["".join(s["text"] for s in d["segments"]) for d in docs]
+    out = []
+    for doc, enc in zip(docs, tok.encode_batch(texts)):
+        spans, pos = [], 0
+        for s in doc["segments"]:
+            if s["target"]:
+                spans.append((pos, pos + len(s["text"])))
+            pos += len(s["text"])
+        weights = [1.0 if any(a < e and b > s for s, e in spans) else other_weight for a, b in enc.offsets]
+        out.append((enc.ids, weights))
+    return out
+
+
+def repeat_docs(rng, names, n):
+    """Induction warm-up: a random run of names and digits, then the same run again
+    (the second copy is the target). Copying from earlier in the context is the
+    skill retrieval is built from, and small transformers learn it from repeated
+    sequences far sooner than from records alone. Digits repeat within a run, so
+    matching on more than one preceding token is rewarded too."""
+    pieces = names + [str(d) for d in range(10)] * 4
+    docs = []
+    for _ in range(n):
+        run = " ".join(rng.choice(pieces) for _ in range(rng.randint(4, 16)))
+        docs.append(
+            {
+                "segments": [
+                    {"text": f"list {run} . again", "target": False},
+                    {"text": f" {run} . again {run} .", "target": True},
+                ]
+            }
+        )
+    return docs
+
+
+def records_in(doc):
+    """Number of records a document holds (0 for a chat)."""
+    first = doc["segments"][0]["text"]
+    return 0 if first.startswith("<|im_start|>") else first.count(" secret ")
 
 
 def recall_batch(tok, items):
@@ -154,15 +185,19 @@ def main():
     ap.add_argument("--kframe", default="target/release/kframe")
     ap.add_argument("--out", default="host/model")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--docs", type=int, default=60000)
+    ap.add_argument("--docs", type=int, default=150000)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--intermediate", type=int, default=768)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch-tokens", type=int, default=2048)
-    ap.add_argument("--minutes", type=float, default=40.0)
-    ap.add_argument("--warmup-share", type=float, default=0.2, help="share of the time spent on short documents first")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--repeat-docs", type=int, default=40000, help="induction warm-up documents (see repeat_docs)")
+    ap.add_argument("--other-weight", type=float, default=0.25, help="loss weight of tokens that are not answers")
+    ap.add_argument("--batch-tokens", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=40000, help="length of the learning-rate schedule")
+    ap.add_argument("--minutes", type=float, default=60.0, help="stop this run after this long, saving a checkpoint to resume from")
+    ap.add_argument("--checkpoint", default="target/train-tiny/checkpoint.pt")
+    ap.add_argument("--warmup-records", type=int, default=4, help="most records in a warm-up document")
     ap.add_argument("--target4", type=float, default=0.99)
     ap.add_argument("--target16", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=2)
@@ -175,7 +210,9 @@ def main():
     docs = corpus(args.kframe, args.seed, args.docs)
     texts = ["".join(s["text"] for s in d["segments"]) for d in docs]
     tok = train_tokenizer(texts, args.vocab)
-    encoded = [encode_doc(tok, d) for d in docs]
+    names = sorted({n for t in texts for n in re.findall(r"user (\w+) secret", t)})
+    docs += repeat_docs(rng, names, args.repeat_docs)
+    encoded = encode_docs(tok, docs, args.other_weight)
     held4 = corpus(args.kframe, args.seed + 1000, 300, recall=4)
     held16 = corpus(args.kframe, args.seed + 1001, 300, recall=16)
     print(f"vocab {tok.get_vocab_size()}, {len(docs)} docs, mean {sum(len(e[0]) for e in encoded) / len(encoded):.0f} tokens", flush=True)
@@ -202,48 +239,105 @@ def main():
     print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
     assert n_params <= 8_000_000
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    start, step, best = time.time(), 0, (-1.0, None)
-    budget = args.minutes * 60
-    done = False
-    # Curriculum: short documents (few records, little distraction) first, where
-    # retrieval is easy to discover; then everything.
-    short = [e for e in encoded if len(e[0]) <= 96]
-    for epoch in range(1000):
-        warm = time.time() - start < args.warmup_share * budget
-        pool = short if warm else encoded
-        for idx in batches(pool, args.batch_tokens, rng):
-            if warm and time.time() - start >= args.warmup_share * budget:
-                break
-            elapsed = time.time() - start
-            frac = min(1.0, elapsed / budget)
-            lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            ids, w, mask = collate(pool, idx)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            target, wt = ids[:, 1:], w[:, 1:] * mask[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
-            loss = (loss * wt.reshape(-1)).sum() / wt.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            if step % 100 == 0 or elapsed > budget:
-                tokens4 = []
-                r4, r16 = recall(model, tok, held4[:200], per_token=tokens4), recall(model, tok, held16[:200])
-                print(
-                    f"step {step} epoch {epoch} {elapsed / 60:.1f} min loss {loss.item():.3f} lr {lr:.2e} "
-                    f"recall4 {r4:.3f} (answer tokens {tokens4[0]:.3f}) recall16 {r16:.3f}",
-                    flush=True,
-                )
-                if r4 + r16 > best[0]:
-                    best = (r4 + r16, {k: v.detach().clone() for k, v in model.state_dict().items()})
-                if (r4 >= args.target4 and r16 >= args.target16) or elapsed > budget:
-                    done = True
-                    break
-        if done:
+    # Curriculum, advanced by progress: first only repeated runs, until the model
+    # copies from its context (the answer-token loss drops well below the unigram
+    # level); then documents with few records (little distraction), with the runs
+    # and a few chats, until most held-out answer digits are right; then everything.
+    repeats = [e for d, e in zip(docs, encoded) if d["segments"][0]["text"].startswith("list ")]
+    short = [
+        e
+        for d, e in zip(docs, encoded)
+        if d["segments"][0]["text"].startswith("list ")
+        or 0 < records_in(d) <= args.warmup_records
+        or (records_in(d) == 0 and rng.random() < 0.2)
+    ]
+    phases = [("copy", repeats), ("few records", short), ("all", encoded)]
+
+    # A run on 2 CPU cores takes hours, so it checkpoints every few minutes and a
+    # rerun with the same arguments resumes (the batch order after a resume is a
+    # fresh shuffle, so a resumed run is seeded but not bit-identical to one
+    # uninterrupted run).
+    ckpt = Path(args.checkpoint)
+    step, phase, target_loss, best = 0, 0, None, (-1.0, None)
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, phase, target_loss, best = state["step"], state["phase"], state["target_loss"], state["best"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from {ckpt} at step {step}, phase {phases[phase][0]}", flush=True)
+
+    def save_checkpoint():
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "phase": phase,
+            "target_loss": target_loss,
+            "best": best,
+            "rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        torch.save(state, str(ckpt) + ".tmp")
+        Path(str(ckpt) + ".tmp").replace(ckpt)
+
+    def stream(pool):
+        while True:
+            yield from batches(pool, args.batch_tokens, rng)
+
+    streams = [stream(pool) for _, pool in phases]
+    start = last_save = time.time()
+    finished = False
+    print(f"phase {phases[phase][0]}", flush=True)
+    while True:
+        elapsed = time.time() - start
+        if elapsed > args.minutes * 60:
             break
+        frac = min(1.0, step / args.steps)
+        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids, w, mask = collate(phases[phase][1], next(streams[phase]))
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target, wt = ids[:, 1:], w[:, 1:] * mask[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none")
+        answers = (wt.reshape(-1) == 1.0).float()
+        step_target_loss = ((loss * answers).sum() / answers.sum().clamp(min=1)).item()
+        target_loss = step_target_loss if target_loss is None else 0.98 * target_loss + 0.02 * step_target_loss
+        loss = (loss * wt.reshape(-1)).sum() / wt.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if phase == 0 and (target_loss < 1.0 or step > 0.3 * args.steps):
+            phase = 1
+            print(f"step {step}: phase {phases[phase][0]} (answer loss {target_loss:.3f})", flush=True)
+        if step % 200 == 0 or step >= args.steps:
+            tokens4 = []
+            r4, r16 = recall(model, tok, held4[:200], per_token=tokens4), recall(model, tok, held16[:200])
+            print(
+                f"step {step} {elapsed / 60:.1f} min phase {phase} loss {loss.item():.3f} answer loss {target_loss:.3f} "
+                f"lr {lr:.2e} recall4 {r4:.3f} (answer tokens {tokens4[0]:.3f}) recall16 {r16:.3f}",
+                flush=True,
+            )
+            if r4 + r16 > best[0]:
+                best = (r4 + r16, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            if phase == 1 and (tokens4[0] >= 0.8 or step > 0.6 * args.steps):
+                phase = 2
+                print(f"step {step}: phase {phases[phase][0]}", flush=True)
+            if (r4 >= args.target4 and r16 >= args.target16) or step >= args.steps:
+                finished = True
+                break
+        if time.time() - last_save > 300:
+            save_checkpoint()
+            last_save = time.time()
+    save_checkpoint()
+    if not finished:
+        print(f"stopped at step {step} after {args.minutes} min; rerun the same command to resume", flush=True)
+        return
 
     model.load_state_dict(best[1])
     # Stored in f16 to keep the repository small; recall is measured after the cast.
@@ -265,7 +359,6 @@ def main():
                 "seed": args.seed,
                 "docs": args.docs,
                 "steps": step,
-                "minutes": round((time.time() - start) / 60, 1),
                 "parameters": n_params,
                 "heldout_recall_4_records": r4,
                 "heldout_recall_16_records": r16,

@@ -61,7 +61,15 @@ fn tokenize(gen: &Generator, item: &RecallItem) -> Result<Prompt> {
 
 /// Prefills `prefill` in `writer`'s frame, then asks `ask` in `reader`'s frame and
 /// checks the greedy answer.
-fn ask(gen: &Generator, prompt: &Prompt, prefill: &[u32], ask: &[u32], writer: &Frame, reader: &Frame, variant: Variant) -> Result<bool> {
+fn ask(
+    gen: &Generator,
+    prompt: &Prompt,
+    prefill: &[u32],
+    ask: &[u32],
+    writer: &Frame,
+    reader: &Frame,
+    variant: Variant,
+) -> Result<bool> {
     let mut cache = gen.model.new_cache(KvPrecision::Native);
     if !prefill.is_empty() {
         gen.model.forward(prefill, &mut cache, writer, variant)?;
@@ -71,13 +79,19 @@ fn ask(gen: &Generator, prompt: &Prompt, prefill: &[u32], ask: &[u32], writer: &
     Ok(out.text.trim() == prompt.answer)
 }
 
-pub fn recall(gen: &Generator, ring: &Keyring, opts: &RecallOptions, mut progress: impl FnMut(usize)) -> Result<RecallReport> {
+pub fn recall(
+    gen: &Generator,
+    ring: &Keyring,
+    opts: &RecallOptions,
+    mut progress: impl FnMut(usize),
+) -> Result<RecallReport> {
     if opts.tenants < 2 {
         return Err(Error::Unsupported("eval recall needs at least 2 tenants (wrong key = a neighbour's)".into()));
     }
     let mut corpus = Corpus::new(opts.seed);
     let items: Vec<RecallItem> = (0..opts.tenants).map(|_| corpus.recall_item(opts.records.max(1))).collect();
-    let frames: Vec<Frame> = (0..opts.tenants).map(|i| ring.frame(&format!("tenant-{i}"), 0)).collect::<std::result::Result<_, _>>()?;
+    let frames: Vec<Frame> =
+        (0..opts.tenants).map(|i| ring.frame(&format!("tenant-{i}"), 0)).collect::<std::result::Result<_, _>>()?;
     let (mut matched, mut identity, mut wrong_key, mut no_context) = (0, 0, 0, 0);
     for (i, item) in items.iter().enumerate() {
         let p = tokenize(gen, item)?;
@@ -115,7 +129,9 @@ pub fn recall(gen: &Generator, ring: &Keyring, opts: &RecallOptions, mut progres
 
 impl RecallReport {
     pub fn to_text(&self) -> String {
-        let row = |name: &str, hits: usize| format!("{name:<34} {hits:>5} / {:<5} {:>7.3}\n", self.tenants, hits as f64 / self.tenants as f64);
+        let row = |name: &str, hits: usize| {
+            format!("{name:<34} {hits:>5} / {:<5} {:>7.3}\n", self.tenants, hits as f64 / self.tenants as f64)
+        };
         let mut s = format!(
             "model: {}\nmachine: {}\n{} tenants, {} records each, seed {}, {:?}\n\n",
             self.model, self.machine, self.tenants, self.records, self.seed, self.variant

@@ -79,17 +79,14 @@ impl TokenIds {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Malformed {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Malformed { path: path.to_owned(), reason: e.to_string() })?;
         Self::from_json(&text, path)
     }
 
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
         let malformed = |reason: String| Error::Malformed { path: path.to_owned(), reason };
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| malformed(e.to_string()))?;
         // Architecture first: a Llama or BERT config should say "wrong model", not
         // "missing field".
         let model_type = value.get("model_type").and_then(|v| v.as_str());
@@ -174,10 +171,7 @@ impl RawConfig {
                 return Err(format!("rope_type {kind:?} is not supported"));
             }
         }
-        let rope_theta = self
-            .rope_theta
-            .or_else(|| rope.and_then(|r| r.rope_theta))
-            .unwrap_or(10_000.0);
+        let rope_theta = self.rope_theta.or_else(|| rope.and_then(|r| r.rope_theta)).unwrap_or(10_000.0);
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {

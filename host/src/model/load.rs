@@ -97,7 +97,10 @@ impl ModelDir {
         } else {
             let index_path = dir.join("model.safetensors.index.json");
             if !index_path.is_file() {
-                return Err(Error::MissingFile { dir: dir.to_owned(), file: "model.safetensors (or model.safetensors.index.json)" });
+                return Err(Error::MissingFile {
+                    dir: dir.to_owned(),
+                    file: "model.safetensors (or model.safetensors.index.json)",
+                });
             }
             let index: ShardIndex = read_json(&index_path)?;
             let shards: BTreeSet<&String> = index.weight_map.values().collect();
@@ -105,7 +108,10 @@ impl ModelDir {
             for shard in shards {
                 let path = dir.join(shard);
                 if !path.is_file() {
-                    return Err(Error::Malformed { path: index_path.clone(), reason: format!("lists missing shard {shard}") });
+                    return Err(Error::Malformed {
+                        path: index_path.clone(),
+                        reason: format!("lists missing shard {shard}"),
+                    });
                 }
                 paths.push(path);
             }
@@ -127,13 +133,13 @@ impl ModelDir {
     pub fn embedded() -> Result<Self> {
         let path = PathBuf::from("<embedded>");
         let text = |bytes: &'static [u8], file: &str| {
-            std::str::from_utf8(bytes)
-                .map_err(|e| Error::Malformed { path: path.join(file), reason: e.to_string() })
+            std::str::from_utf8(bytes).map_err(|e| Error::Malformed { path: path.join(file), reason: e.to_string() })
         };
         let config = Config::from_json(text(embedded::CONFIG, "config.json")?, &path.join("config.json"))?;
         let generation: GenerationConfig = serde_json::from_str(text(embedded::GENERATION, "generation_config.json")?)
             .map_err(|e| Error::Malformed { path: path.join("generation_config.json"), reason: e.to_string() })?;
-        let eos_token_ids = generation.eos_token_id.map(TokenIds::into_vec).unwrap_or_else(|| config.eos_token_ids.clone());
+        let eos_token_ids =
+            generation.eos_token_id.map(TokenIds::into_vec).unwrap_or_else(|| config.eos_token_ids.clone());
         Ok(Self {
             path,
             config,
@@ -145,7 +151,9 @@ impl ModelDir {
 
     #[cfg(not(feature = "embedded-model"))]
     pub fn embedded() -> Result<Self> {
-        Err(Error::Unsupported("this build has no embedded model (cargo feature `embedded-model`); pass --model DIR".into()))
+        Err(Error::Unsupported(
+            "this build has no embedded model (cargo feature `embedded-model`); pass --model DIR".into(),
+        ))
     }
 
     /// `--model DIR` when given, else the embedded model.

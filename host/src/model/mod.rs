@@ -182,7 +182,11 @@ impl Qwen2 {
     }
 
     pub fn rotation_shape(&self) -> RotationShape {
-        RotationShape { layers: self.cfg.num_hidden_layers, kv_heads: self.cfg.num_key_value_heads, head_dim: self.cfg.head_dim }
+        RotationShape {
+            layers: self.cfg.num_hidden_layers,
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+        }
     }
 
     /// An empty cache for one sequence of this model.
@@ -277,9 +281,8 @@ impl Qwen2 {
 /// (t, pos + t): 0 where query i (at position pos + i) may see key j, -inf after.
 fn causal_mask(t: usize, pos: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
     let len = pos + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..len).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..t).flat_map(|i| (0..len).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (t, len), device)?.to_dtype(dtype)
 }
 
@@ -290,7 +293,14 @@ struct BatchRope {
 }
 
 impl Layer {
-    fn forward(&self, xs: &Tensor, index: usize, step: &Step, cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        index: usize,
+        step: &Step,
+        cache: &mut KvCache,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
         self.forward_with(xs, |h| self.attn.forward(h, index, step, cache, trace))
     }
 
@@ -308,7 +318,14 @@ impl Layer {
 }
 
 impl Attention {
-    fn forward(&self, xs: &Tensor, index: usize, step: &Step, cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        index: usize,
+        step: &Step,
+        cache: &mut KvCache,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?; // b == 1: one sequence
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         let g = h / kv;
@@ -374,7 +391,9 @@ impl Attention {
         let (b, _, _) = xs.dims3()?;
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
         let g = h / kv;
-        let heads = |x: Tensor, n: usize| -> candle_core::Result<Tensor> { x.reshape((b, 1, n, d))?.transpose(1, 2)?.contiguous() };
+        let heads = |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            x.reshape((b, 1, n, d))?.transpose(1, 2)?.contiguous()
+        };
         let q = heads(self.q_proj.forward(xs)?, h)?; // (b, h, 1, d)
         let k = heads(self.k_proj.forward(xs)?, kv)?; // (b, kv, 1, d)
         let v = heads(self.v_proj.forward(xs)?, kv)?.reshape((b * kv, 1, d))?;
@@ -393,7 +412,9 @@ impl Attention {
             let rows = |x: &Tensor| x.narrow(0, j * kv, kv);
             // An exact-precision cache is written from f64 rotations, as in `forward`.
             let (k_store, v_store) = match layer_rot {
-                Some(r) if s.cache.store_dtype() != xs.dtype() => r.rotate_kv(&rows(&k)?, &rows(&v)?, s.cache.store_dtype())?,
+                Some(r) if s.cache.store_dtype() != xs.dtype() => {
+                    r.rotate_kv(&rows(&k)?, &rows(&v)?, s.cache.store_dtype())?
+                }
                 _ => (rows(&k_rot)?, rows(&v_rot)?),
             };
             let pos = s.cache.len();

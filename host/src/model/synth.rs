@@ -125,7 +125,8 @@ pub fn byte_level_tokenizer_json(vocab_size: usize) -> serde_json::Value {
     for id in (EOS_ID as usize + 1)..vocab_size {
         vocab.insert(format!("<|extra_{id}|>"), id.into());
     }
-    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let byte_level =
+        serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     serde_json::json!({
         "version": "1.0",
         "truncation": null,

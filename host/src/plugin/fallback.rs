@@ -38,6 +38,15 @@ impl EntryMirror {
     pub fn remove(&mut self, id: u64) {
         self.entries.remove(&id);
     }
+    pub fn get(&self, id: u64) -> Option<&Tracked> {
+        self.entries.get(&id)
+    }
+    pub fn resize(&mut self, id: u64, bytes: u64, tokens: u32) {
+        if let Some(t) = self.entries.get_mut(&id) {
+            t.entry.bytes = bytes;
+            t.entry.tokens = tokens;
+        }
+    }
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -59,19 +59,28 @@ impl fmt::Display for PolicyKind {
 /// What went wrong with a plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
-    Timeout { ms: u64 },
+    Timeout {
+        ms: u64,
+    },
     OutOfFuel,
-    OutOfMemory { limit: usize },
+    OutOfMemory {
+        limit: usize,
+    },
     Trap(String),
     /// It called an import it was not granted (a file, the clock, ...).
     Denied(String),
     /// Not a valid component (random bytes, a core module, ...).
     Malformed(String),
-    WrongWorld { expected: PolicyKind, found: Option<PolicyKind> },
+    WrongWorld {
+        expected: PolicyKind,
+        found: Option<PolicyKind>,
+    },
     InvalidAnswer(String),
     /// Its `configure` refused the operator's configuration.
     Config(String),
-    Quarantined { failures: u32 },
+    Quarantined {
+        failures: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,15 +95,23 @@ impl fmt::Display for Failure {
         match self {
             Failure::Timeout { ms } => write!(f, "timed out (deadline {ms} ms)"),
             Failure::OutOfFuel => write!(f, "ran out of fuel"),
-            Failure::OutOfMemory { limit } => write!(f, "exceeded its memory limit of {limit} bytes"),
+            Failure::OutOfMemory { limit } => {
+                write!(f, "exceeded its memory limit of {limit} bytes")
+            }
             Failure::Trap(detail) => write!(f, "trapped: {detail}"),
-            Failure::Denied(detail) => write!(f, "called a capability it was not granted: {detail}"),
+            Failure::Denied(detail) => {
+                write!(f, "called a capability it was not granted: {detail}")
+            }
             Failure::Malformed(detail) => write!(f, "not a valid component: {detail}"),
             Failure::WrongWorld { expected, found: Some(found) } => write!(f, "implements {found}, not {expected}"),
-            Failure::WrongWorld { expected, found: None } => write!(f, "implements no kframe:policy world (expected {expected})"),
+            Failure::WrongWorld { expected, found: None } => {
+                write!(f, "implements no kframe:policy world (expected {expected})")
+            }
             Failure::InvalidAnswer(detail) => write!(f, "invalid answer: {detail}"),
             Failure::Config(detail) => write!(f, "refused its configuration: {detail}"),
-            Failure::Quarantined { failures } => write!(f, "quarantined after {failures} consecutive failures"),
+            Failure::Quarantined { failures } => {
+                write!(f, "quarantined after {failures} consecutive failures")
+            }
         }
     }
 }

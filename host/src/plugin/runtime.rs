@@ -84,7 +84,8 @@ impl PluginRuntime {
     }
 
     fn store(&self) -> Store<Sandbox> {
-        let mut store = Store::new(&self.engine, Sandbox { memory_limit: self.limits.memory_bytes, denied_growth: false });
+        let mut store =
+            Store::new(&self.engine, Sandbox { memory_limit: self.limits.memory_bytes, denied_growth: false });
         store.limiter(|s| s);
         store
     }
@@ -133,17 +134,42 @@ impl PluginRuntime {
         match kind {
             PolicyKind::Admission => {
                 let req = Request { tenant: 0, tier: 0, prompt_tokens: 1, max_tokens: 1, bytes_needed: 1, now: 0 };
-                let load = Load { active_sequences: 0, queued: 0, queue_limit: 1, cache_bytes: 0, cache_budget: 1 << 30 };
-                self.load::<world::Admission>(name, bytes, config)?.call(|_, _| Ok(()), |b, s| b.call_decide(s, req, load), |_| Ok(()))?;
+                let load =
+                    Load { active_sequences: 0, queued: 0, queue_limit: 1, cache_bytes: 0, cache_budget: 1 << 30 };
+                self.load::<world::Admission>(name, bytes, config)?.call(
+                    |_, _| Ok(()),
+                    |b, s| b.call_decide(s, req, load),
+                    |_| Ok(()),
+                )?;
             }
             PolicyKind::Eviction => {
-                let empty = |ids: &Vec<u64>| if ids.is_empty() { Ok(()) } else { Err(format!("{} victims from an empty cache", ids.len())) };
-                self.load::<world::Eviction>(name, bytes, config)?.call(|_, _| Ok(()), |b, s| b.call_victims(s, 0, 0), empty)?;
+                let empty = |ids: &Vec<u64>| {
+                    if ids.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!("{} victims from an empty cache", ids.len()))
+                    }
+                };
+                self.load::<world::Eviction>(name, bytes, config)?.call(
+                    |_, _| Ok(()),
+                    |b, s| b.call_victims(s, 0, 0),
+                    empty,
+                )?;
             }
             PolicyKind::DepthGate => {
                 let shape = ModelShape { layers: 4, kv_heads: 1, head_dim: 128 };
-                let four = |g: &Vec<_>| if g.len() == 4 { Ok(()) } else { Err(format!("{} gates for 4 layers", g.len())) };
-                self.load::<world::DepthGate>(name, bytes, config)?.call(|_, _| Ok(()), |b, s| b.call_gates(s, shape, 0, 0), four)?;
+                let four = |g: &Vec<_>| {
+                    if g.len() == 4 {
+                        Ok(())
+                    } else {
+                        Err(format!("{} gates for 4 layers", g.len()))
+                    }
+                };
+                self.load::<world::DepthGate>(name, bytes, config)?.call(
+                    |_, _| Ok(()),
+                    |b, s| b.call_gates(s, shape, 0, 0),
+                    four,
+                )?;
             }
         }
         Ok(kind)
@@ -162,7 +188,14 @@ impl PluginRuntime {
                 return Err(err(Failure::WrongWorld { expected: W::KIND, found }));
             }
         };
-        let mut loaded = Loaded { name: name.to_owned(), runtime: self.clone(), pre, config: config.to_owned(), instance: None, failures: 0 };
+        let mut loaded = Loaded {
+            name: name.to_owned(),
+            runtime: self.clone(),
+            pre,
+            config: config.to_owned(),
+            instance: None,
+            failures: 0,
+        };
         loaded.instance(|_, _| Ok(()))?;
         Ok(loaded)
     }
@@ -219,7 +252,6 @@ impl<W: World> Loaded<W> {
         self.failures >= self.runtime.limits.max_failures
     }
 
-
     /// The live instance, creating (and configuring, then `restore`-ing state
     /// into) a new one if the last was discarded.
     fn instance(
@@ -235,7 +267,9 @@ impl<W: World> Loaded<W> {
             };
             match W::configure(&bindings, &mut store, &self.config) {
                 Ok(Ok(())) => {}
-                Ok(Err(reason)) => return Err(PluginError { plugin: self.name.clone(), failure: Failure::Config(reason) }),
+                Ok(Err(reason)) => {
+                    return Err(PluginError { plugin: self.name.clone(), failure: Failure::Config(reason) })
+                }
                 Err(e) => return Err(self.runtime.classify(&self.name, e, store.data())),
             }
             arm(&self.runtime.limits, &mut store);
@@ -257,7 +291,10 @@ impl<W: World> Loaded<W> {
         check: impl FnOnce(&R) -> Result<(), String>,
     ) -> Result<R, PluginError> {
         if self.quarantined() {
-            return Err(PluginError { plugin: self.name.clone(), failure: Failure::Quarantined { failures: self.failures } });
+            return Err(PluginError {
+                plugin: self.name.clone(),
+                failure: Failure::Quarantined { failures: self.failures },
+            });
         }
         let result = self.try_call(restore, f, check);
         match &result {

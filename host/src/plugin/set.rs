@@ -33,7 +33,12 @@ struct Slot<W: World> {
 
 impl<W: World> Default for Slot<W> {
     fn default() -> Self {
-        Self { current: RwLock::new(None), calls: AtomicU64::new(0), failures: AtomicU64::new(0), nanos: AtomicU64::new(0) }
+        Self {
+            current: RwLock::new(None),
+            calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            nanos: AtomicU64::new(0),
+        }
     }
 }
 
@@ -101,7 +106,9 @@ pub struct PolicySet {
 }
 
 /// Replays the host's entries into a fresh eviction instance.
-fn replay(mirror: &EntryMirror) -> impl FnOnce(&world::EvictionPolicy, &mut wasmtime::Store<super::runtime::Sandbox>) -> wasmtime::Result<()> + '_ {
+fn replay(
+    mirror: &EntryMirror,
+) -> impl FnOnce(&world::EvictionPolicy, &mut wasmtime::Store<super::runtime::Sandbox>) -> wasmtime::Result<()> + '_ {
     move |b, store| {
         for t in mirror.iter() {
             b.call_on_insert(&mut *store, t.entry)?;
@@ -169,7 +176,13 @@ impl PolicySet {
         let layers = shape.layers as usize;
         let outcome = self.depth_gate.with(|p| {
             let name = p.name.clone();
-            let check = |g: &Vec<LayerGate>| if g.len() == layers { Ok(()) } else { Err(format!("{} gates for {layers} layers", g.len())) };
+            let check = |g: &Vec<LayerGate>| {
+                if g.len() == layers {
+                    Ok(())
+                } else {
+                    Err(format!("{} gates for {layers} layers", g.len()))
+                }
+            };
             p.call(|_, _| Ok(()), |b, s| b.call_gates(s, *shape, tenant, context_len), check).map(|v| (v, name))
         });
         decide(outcome, || fallback::gates(shape))
@@ -177,7 +190,11 @@ impl PolicySet {
 
     /// Tells the eviction policy of an event, then records it. A plugin failure
     /// here is counted; the next call rebuilds the plugin from the record.
-    fn event(&self, f: impl Fn(&world::EvictionPolicy, &mut wasmtime::Store<super::runtime::Sandbox>) -> wasmtime::Result<()>, apply: impl FnOnce(&mut EntryMirror)) {
+    fn event(
+        &self,
+        f: impl Fn(&world::EvictionPolicy, &mut wasmtime::Store<super::runtime::Sandbox>) -> wasmtime::Result<()>,
+        apply: impl FnOnce(&mut EntryMirror),
+    ) {
         let mut mirror = self.mirror.lock().expect("mirror lock");
         let _ = self.eviction.with(|p| p.notify(replay(&mirror), f));
         apply(&mut mirror);
@@ -197,6 +214,28 @@ impl PolicySet {
 
     pub fn on_remove(&self, id: u64) {
         self.event(|b, s| b.call_on_remove(s, id), |m| m.remove(id));
+    }
+
+    /// An entry changed size (a session grew). The policy sees it removed and
+    /// inserted again with its hit history replayed, so frequency-based policies
+    /// keep their counts.
+    pub fn on_resize(&self, id: u64, bytes: u64, tokens: u32) {
+        let mut mirror = self.mirror.lock().expect("mirror lock");
+        let Some(t) = mirror.get(id).cloned() else {
+            return;
+        };
+        let entry = Entry { bytes, tokens, ..t.entry };
+        let _ = self.eviction.with(|p| {
+            p.notify(replay(&mirror), |b, s| {
+                b.call_on_remove(&mut *s, id)?;
+                b.call_on_insert(&mut *s, entry)?;
+                for _ in 0..t.hits {
+                    b.call_on_hit(&mut *s, id, t.last_used)?;
+                }
+                Ok(())
+            })
+        });
+        mirror.resize(id, bytes, tokens);
     }
 
     /// Entries to evict to free `bytes_needed`: the plugin's answer if it is
@@ -221,6 +260,10 @@ impl PolicySet {
                 seconds_in_plugin: slot.nanos.load(Ordering::Relaxed) as f64 * 1e-9,
             }
         }
-        PolicyStats { admission: stats(&self.admission), eviction: stats(&self.eviction), depth_gate: stats(&self.depth_gate) }
+        PolicyStats {
+            admission: stats(&self.admission),
+            eviction: stats(&self.eviction),
+            depth_gate: stats(&self.depth_gate),
+        }
     }
 }

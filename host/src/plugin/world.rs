@@ -59,7 +59,11 @@ macro_rules! world {
             fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self::Bindings> {
                 pre.instantiate(store)
             }
-            fn configure(b: &Self::Bindings, store: &mut Store<Sandbox>, config: &str) -> wasmtime::Result<Result<(), String>> {
+            fn configure(
+                b: &Self::Bindings,
+                store: &mut Store<Sandbox>,
+                config: &str,
+            ) -> wasmtime::Result<Result<(), String>> {
                 b.call_configure(store, config)
             }
         }

@@ -20,7 +20,10 @@ impl AdmissionPolicy for Capacity {
     }
     fn decide(&mut self, req: Request, load: Load) -> Admission {
         if req.bytes_needed > load.cache_budget {
-            return Admission::Reject(format!("needs {} cache bytes, the budget is {}", req.bytes_needed, load.cache_budget));
+            return Admission::Reject(format!(
+                "needs {} cache bytes, the budget is {}",
+                req.bytes_needed, load.cache_budget
+            ));
         }
         let fits = load.cache_bytes + req.bytes_needed <= load.cache_budget;
         if fits && (load.active_sequences as u64) < self.max_active {

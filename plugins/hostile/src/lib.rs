@@ -22,7 +22,8 @@ impl EvictionPolicy for Hostile {
         &mut self.table
     }
     fn victims(&mut self, bytes_needed: u64, _now: u64) -> Vec<u64> {
-        let first = |pinned: bool| self.table.iter().find(|t| t.entry.pinned == pinned).map(|t| t.entry.id).unwrap_or(0);
+        let first =
+            |pinned: bool| self.table.iter().find(|t| t.entry.pinned == pinned).map(|t| t.entry.id).unwrap_or(0);
         match self.mode.as_str() {
             "loop" => {
                 let mut x: u64 = 1;
@@ -49,7 +50,10 @@ impl EvictionPolicy for Hostile {
                 Err(_) => self.table.lowest_first(bytes_needed, |t| t.last_used),
             },
             "read-clock" => {
-                let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
                 vec![t]
             }
             _ => self.table.lowest_first(bytes_needed, |t| t.last_used),

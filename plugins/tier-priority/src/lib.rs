@@ -23,7 +23,11 @@ impl AdmissionPolicy for TierPriority {
     fn decide(&mut self, req: Request, load: Load) -> Admission {
         let after = load.cache_bytes + req.bytes_needed;
         if after > load.cache_budget {
-            return if load.queued < load.queue_limit { Admission::Queue } else { Admission::Reject("cache full".into()) };
+            return if load.queued < load.queue_limit {
+                Admission::Queue
+            } else {
+                Admission::Reject("cache full".into())
+            };
         }
         let pressured = after * 100 > load.cache_budget * self.high_percent;
         if !pressured || req.tier >= self.min_tier {

@@ -1,0 +1,616 @@
+//! The scheduler loop. One thread owns the model, the keyring, every cache and the
+//! memory ledger; each turn it takes new commands, admits what it can, prefills a
+//! bounded number of prompt tokens, then decodes one token for every ready
+//! sequence in a single batched step.
+
+use super::metrics::Metrics;
+use super::sessions::{Checkout, SessionKey, Sessions};
+use super::{Command, EngineConfig, EngineError, Event, Submit, Tenant, Usage};
+use crate::cache::{CacheShape, KvCache};
+use crate::generate::{sampler, FinishReason, Generator, TextStream};
+use crate::keys::MasterSecret;
+use crate::model::BatchSeq;
+use crate::plugin::{Admission, Entry, Load, PolicySet, Request};
+use crate::rotation::{Frame, Keyring};
+use candle_core::Tensor;
+use candle_transformers::generation::LogitsProcessor;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How long an admission-queued request may wait before it is turned away.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Pending {
+    req: Submit,
+    tx: mpsc::UnboundedSender<Event>,
+    since: Instant,
+}
+
+/// A request being served.
+struct Seq {
+    tenant: Tenant,
+    frame: Frame,
+    session: Option<SessionKey>,
+    /// The session's eviction entry, pinned while this sequence runs.
+    entry: Option<u64>,
+    cache: KvCache,
+    /// The tokens `cache` holds, in order.
+    context: Vec<u32>,
+    /// Prompt tokens not yet prefilled.
+    unfilled: Vec<u32>,
+    /// The sampled token to feed at the next decode step.
+    next: Option<u32>,
+    sampler: LogitsProcessor,
+    text: TextStream,
+    max_tokens: usize,
+    tx: mpsc::UnboundedSender<Event>,
+    /// Bytes the ledger holds for this sequence.
+    reserved: u64,
+    started: Instant,
+    usage: Usage,
+}
+
+pub(super) struct State {
+    gen: Generator,
+    keyring: Keyring,
+    policies: Arc<PolicySet>,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    sessions: Sessions,
+    active: Vec<Seq>,
+    waiting: VecDeque<Pending>,
+    /// Allocated cache bytes: checked-in sessions plus running sequences.
+    used: u64,
+    /// Of `used`, the bytes running sequences hold (what eviction cannot free).
+    in_flight: u64,
+    tenant_bytes: HashMap<u64, u64>,
+    /// Logical time for policies: one tick per admission or finish.
+    now: u64,
+    shape: CacheShape,
+}
+
+enum Finish {
+    Done(FinishReason),
+    Failed(EngineError),
+    Cancelled,
+}
+
+impl State {
+    pub(super) fn new(
+        gen: Generator,
+        master: MasterSecret,
+        policies: Arc<PolicySet>,
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let exact = cfg.precision == crate::cache::KvPrecision::Exact;
+        let model = &gen.model;
+        let keyring = Keyring::new(
+            master,
+            model.rotation_shape(),
+            model.dtype(),
+            exact,
+            model.device().clone(),
+            cfg.keyring_capacity,
+        );
+        let shape = model.new_cache(cfg.precision).shape();
+        Self {
+            gen,
+            keyring,
+            policies,
+            cfg,
+            metrics,
+            sessions: Sessions::default(),
+            active: Vec::new(),
+            waiting: VecDeque::new(),
+            used: 0,
+            in_flight: 0,
+            tenant_bytes: HashMap::new(),
+            now: 0,
+            shape,
+        }
+    }
+
+    pub(super) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            if self.active.is_empty() && self.waiting.is_empty() {
+                let keep_going = rx.blocking_recv().is_some_and(|cmd| self.command(cmd));
+                if !keep_going {
+                    return self.shutdown();
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                if !self.command(cmd) {
+                    return self.shutdown();
+                }
+            }
+            self.retry_waiting();
+            self.drop_cancelled();
+            let worked = self.prefill_step() | self.decode_step();
+            self.publish();
+            if !worked && !self.waiting.is_empty() {
+                // Only queued requests, none admissible yet: wait for a change.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+
+    /// Handles one command; false to stop.
+    fn command(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(req, tx) => {
+                let pending = Pending { req, tx, since: Instant::now() };
+                if let Some(p) = self.admit(pending, false) {
+                    if self.waiting.len() >= self.cfg.queue_limit as usize {
+                        self.reject(p, EngineError::QueueFull(self.waiting.len() as u32));
+                    } else {
+                        self.waiting.push_back(p);
+                    }
+                }
+                true
+            }
+            Command::DropTenant(tenant, reply) => {
+                let _ = reply.send(self.drop_tenant(&tenant));
+                true
+            }
+            Command::Shutdown => false,
+        }
+    }
+
+    fn reject(&mut self, p: Pending, err: EngineError) {
+        Metrics::add(&self.metrics.requests_failed, 1);
+        if matches!(err, EngineError::Rejected(_) | EngineError::QueueFull(_) | EngineError::OverBudget { .. }) {
+            Metrics::add(&self.metrics.admissions_rejected, 1);
+        }
+        let _ = p.tx.send(Event::Failed(err));
+    }
+
+    fn validate(&self, req: &Submit) -> Result<(), EngineError> {
+        let cfg = self.gen.model.config();
+        if req.prompt.is_empty() {
+            return Err(EngineError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(id) = req.prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(EngineError::Invalid(format!("token id {id} is outside the vocabulary ({})", cfg.vocab_size)));
+        }
+        if req.prompt.len() >= cfg.max_position_embeddings {
+            return Err(EngineError::Invalid(format!(
+                "a prompt of {} tokens leaves no room in the context window of {}",
+                req.prompt.len(),
+                cfg.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
+    /// Decides a request. Returns it back if it must wait.
+    fn admit(&mut self, p: Pending, from_queue: bool) -> Option<Pending> {
+        if let Err(e) = self.validate(&p.req) {
+            self.reject(p, e);
+            return None;
+        }
+        let key = p.req.session.as_deref().map(|name| self.sessions.key(p.req.tenant.id, name));
+        let checkout = match &key {
+            Some(k) => self.sessions.checkout(k),
+            None => Checkout::New,
+        };
+        let held = match &checkout {
+            Checkout::Busy => {
+                self.reject(p, EngineError::SessionBusy);
+                return None;
+            }
+            Checkout::New => 0,
+            Checkout::Cached { entry, bytes, .. } => {
+                self.policies.on_pin(*entry, true);
+                *bytes
+            }
+        };
+        let total = (p.req.prompt.len() + p.req.params.max_tokens).min(self.shape.max_len);
+        let reserve = KvCache::bytes_for(self.shape, self.store_dtype(), total) as u64;
+        let needed = reserve.saturating_sub(held);
+        self.now += 1;
+        let request = Request {
+            tenant: p.req.tenant.id,
+            tier: p.req.tenant.tier,
+            prompt_tokens: p.req.prompt.len() as u32,
+            max_tokens: p.req.params.max_tokens as u32,
+            bytes_needed: needed,
+            now: self.now,
+        };
+        // Idle sessions do not count as load: eviction can free them.
+        let load = Load {
+            active_sequences: self.active.len() as u32,
+            queued: self.waiting.len() as u32,
+            queue_limit: self.cfg.queue_limit,
+            cache_bytes: self.in_flight,
+            cache_budget: self.cfg.kv_budget,
+        };
+        let decision = self.policies.admit(&request, &load).value;
+        let wait = match decision {
+            Admission::Reject(reason) => {
+                self.give_back(&key, p.req.tenant.id, checkout);
+                self.reject(p, EngineError::Rejected(reason));
+                return None;
+            }
+            Admission::Queue => true,
+            Admission::Admit => !self.make_room(needed),
+        };
+        if wait {
+            self.give_back(&key, p.req.tenant.id, checkout);
+            if self.active.is_empty() && (decision_is_budget(needed, self.cfg.kv_budget, self.in_flight)) {
+                // Nothing running will ever free enough.
+                self.reject(p, EngineError::OverBudget { needed, budget: self.cfg.kv_budget });
+                return None;
+            }
+            if from_queue && p.since.elapsed() > QUEUE_TIMEOUT {
+                self.reject(p, EngineError::Rejected(format!("queued for over {} s", QUEUE_TIMEOUT.as_secs())));
+                return None;
+            }
+            return Some(p);
+        }
+        self.start(p, key, checkout, held, reserve.max(held));
+        None
+    }
+
+    /// Returns a checked-out session unchanged.
+    fn give_back(&mut self, key: &Option<SessionKey>, tenant: u64, checkout: Checkout) {
+        if let (Some(key), Checkout::Cached { entry, tokens, cache, .. }) = (key, checkout) {
+            self.sessions.checkin(*key, tenant, tokens, cache);
+            self.policies.on_pin(entry, false);
+        }
+    }
+
+    fn store_dtype(&self) -> candle_core::DType {
+        match self.cfg.precision {
+            crate::cache::KvPrecision::Native => self.gen.model.dtype(),
+            crate::cache::KvPrecision::Exact => candle_core::DType::F64,
+        }
+    }
+
+    /// Evicts idle sessions until `needed` more bytes fit in the budget. False if
+    /// they cannot.
+    fn make_room(&mut self, needed: u64) -> bool {
+        let budget = self.cfg.kv_budget;
+        if self.used + needed <= budget {
+            return true;
+        }
+        let victims = self.policies.victims(self.used + needed - budget, self.now).value;
+        for id in victims {
+            self.evict(id);
+        }
+        self.used + needed <= budget
+    }
+
+    fn evict(&mut self, entry: u64) {
+        if let Some(s) = self.sessions.remove(entry) {
+            if s.cache.is_some() {
+                self.charge(s.tenant, -(s.bytes as i64));
+                Metrics::add(&self.metrics.evictions, 1);
+                tracing::debug!(entry, tenant = s.tenant, bytes = s.bytes, "session evicted");
+            }
+            // Dropping `s` zeroes its cache.
+        }
+        self.policies.on_remove(entry);
+    }
+
+    /// Adjusts the ledger by `delta` bytes for `tenant`.
+    fn charge(&mut self, tenant: u64, delta: i64) {
+        self.used = (self.used as i64 + delta) as u64;
+        let t = self.tenant_bytes.entry(tenant).or_default();
+        *t = (*t as i64 + delta) as u64;
+        if *t == 0 {
+            self.tenant_bytes.remove(&tenant);
+        }
+    }
+
+    fn start(&mut self, p: Pending, key: Option<SessionKey>, checkout: Checkout, held: u64, reserved: u64) {
+        let Pending { req, tx, .. } = p;
+        let frame = match self.keyring.frame(&req.tenant.name, req.tenant.epoch) {
+            Ok(f) => f,
+            Err(e) => {
+                self.give_back(&key, req.tenant.id, checkout);
+                let _ = tx.send(Event::Failed(EngineError::Model(e.to_string())));
+                return;
+            }
+        };
+        let (entry, mut cache, cached_tokens) = match checkout {
+            Checkout::Cached { entry, tokens, cache, .. } => (Some(entry), cache, tokens),
+            _ => (None, self.gen.model.new_cache(self.cfg.precision), Vec::new()),
+        };
+        // Reuse the longest common prefix; at least one prompt token runs, for logits.
+        let common =
+            cached_tokens.iter().zip(&req.prompt).take_while(|(a, b)| a == b).count().min(req.prompt.len() - 1);
+        let total = (req.prompt.len() + req.params.max_tokens).min(self.shape.max_len);
+        let prepared = cache.truncate(common).and_then(|_| cache.reserve(total));
+        if let Err(e) = prepared {
+            let _ = tx.send(Event::Failed(EngineError::Model(e.to_string())));
+            if let Some(entry) = entry {
+                self.evict(entry);
+            }
+            return;
+        }
+        // The session's bytes move from the idle pool to this sequence.
+        self.charge(req.tenant.id, reserved as i64 - held as i64);
+        self.in_flight += reserved;
+        Metrics::add(&self.metrics.prompt_tokens_cached, common as u64);
+        self.active.push(Seq {
+            frame,
+            session: key,
+            entry,
+            cache,
+            context: req.prompt[..common].to_vec(),
+            unfilled: req.prompt[common..].to_vec(),
+            next: None,
+            sampler: sampler(&req.params),
+            text: TextStream::default(),
+            max_tokens: req.params.max_tokens,
+            tx,
+            reserved,
+            started: Instant::now(),
+            usage: Usage { prompt_tokens: req.prompt.len(), completion_tokens: 0, cached_tokens: common },
+            tenant: req.tenant,
+        });
+    }
+
+    fn retry_waiting(&mut self) {
+        for _ in 0..self.waiting.len() {
+            let Some(p) = self.waiting.pop_front() else {
+                break;
+            };
+            if p.tx.is_closed() {
+                continue;
+            }
+            if let Some(p) = self.admit(p, true) {
+                self.waiting.push_back(p);
+            }
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].tx.is_closed() {
+                let seq = self.active.swap_remove(i);
+                self.finish(seq, Finish::Cancelled);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Prefills up to `prefill_chunk` prompt tokens over the sequences that need
+    /// it, oldest first. True if it ran anything.
+    fn prefill_step(&mut self) -> bool {
+        let mut budget = self.cfg.prefill_chunk.max(1);
+        let mut ran = false;
+        let mut i = 0;
+        while i < self.active.len() && budget > 0 {
+            if self.active[i].unfilled.is_empty() {
+                i += 1;
+                continue;
+            }
+            let t0 = Instant::now();
+            let seq = &mut self.active[i];
+            let n = seq.unfilled.len().min(budget);
+            let chunk: Vec<u32> = seq.unfilled.drain(..n).collect();
+            let out = self.gen.model.forward(&chunk, &mut seq.cache, &seq.frame, self.cfg.variant);
+            Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
+            Metrics::add(&self.metrics.prompt_tokens_prefilled, n as u64);
+            budget -= n;
+            ran = true;
+            seq.context.extend_from_slice(&chunk);
+            let outcome = match out {
+                Err(e) => Some(Finish::Failed(EngineError::Model(e.to_string()))),
+                Ok(_) if !seq.unfilled.is_empty() => None,
+                Ok(logits) => {
+                    let ttft = seq.started.elapsed();
+                    Metrics::add(&self.metrics.ttft_micros_sum, ttft.as_micros() as u64);
+                    Metrics::add(&self.metrics.ttft_count, 1);
+                    self.sample(i, &logits)
+                }
+            };
+            match outcome {
+                Some(f) => {
+                    let seq = self.active.swap_remove(i);
+                    self.finish(seq, f);
+                }
+                None => i += 1,
+            }
+        }
+        ran
+    }
+
+    /// One batched decode step over every sequence with a token to feed.
+    fn decode_step(&mut self) -> bool {
+        let ready: Vec<usize> =
+            (0..self.active.len()).filter(|&i| self.active[i].next.is_some()).take(self.cfg.max_batch.max(1)).collect();
+        if ready.is_empty() {
+            return false;
+        }
+        let t0 = Instant::now();
+        let mut batch: Vec<BatchSeq> = Vec::with_capacity(ready.len());
+        for (i, seq) in self.active.iter_mut().enumerate() {
+            if let (true, Some(token)) = (ready.contains(&i), seq.next) {
+                batch.push(BatchSeq { token, cache: &mut seq.cache, frame: &seq.frame });
+            }
+        }
+        let out = self.gen.model.decode_batch(&mut batch, self.cfg.variant);
+        drop(batch);
+        Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
+        Metrics::add(&self.metrics.decode_steps, 1);
+        Metrics::set(&self.metrics.batch_size, ready.len() as u64);
+        let mut finished = Vec::new();
+        match out {
+            Err(e) => finished.extend(ready.iter().map(|&i| (i, Finish::Failed(EngineError::Model(e.to_string()))))),
+            Ok(logits) => {
+                for (row, &i) in ready.iter().enumerate() {
+                    let seq = &mut self.active[i];
+                    seq.context.push(seq.next.take().expect("ready sequences have a token"));
+                    let outcome = match logits.get(row) {
+                        Ok(l) => self.sample(i, &l),
+                        Err(e) => Some(Finish::Failed(EngineError::Model(e.to_string()))),
+                    };
+                    if let Some(f) = outcome {
+                        finished.push((i, f));
+                    }
+                }
+            }
+        }
+        // Highest index first, so swap_remove leaves the others' indices valid.
+        finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, f) in finished {
+            let seq = self.active.swap_remove(i);
+            self.finish(seq, f);
+        }
+        true
+    }
+
+    /// Samples the next token of sequence `i` from its logits and streams it.
+    /// Returns how it finished, if it did.
+    fn sample(&mut self, i: usize, logits: &Tensor) -> Option<Finish> {
+        let max_len = self.shape.max_len;
+        let seq = &mut self.active[i];
+        if seq.text.tokens().len() >= seq.max_tokens {
+            return Some(Finish::Done(FinishReason::Length));
+        }
+        let next = match seq.sampler.sample(logits) {
+            Ok(t) => t,
+            Err(e) => return Some(Finish::Failed(EngineError::Model(e.to_string()))),
+        };
+        if self.gen.eos_token_ids.contains(&next) {
+            return Some(Finish::Done(FinishReason::Stop));
+        }
+        let piece = match seq.text.push(&self.gen.tokenizer, next) {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => return Some(Finish::Failed(EngineError::Model(e.to_string()))),
+        };
+        Metrics::add(&self.metrics.tokens_generated, 1);
+        let _ = seq.tx.send(Event::Token { id: next, text: piece });
+        if seq.text.tokens().len() >= seq.max_tokens || seq.cache.len() >= max_len {
+            return Some(Finish::Done(FinishReason::Length));
+        }
+        seq.next = Some(next);
+        None
+    }
+
+    /// Ends a sequence: its cache goes back to its session (or is dropped, and
+    /// zeroed), the ledger and metrics are updated, then the caller hears.
+    fn finish(&mut self, mut seq: Seq, how: Finish) {
+        self.now += 1;
+        seq.usage.completion_tokens = seq.text.tokens().len();
+        let tail = match &how {
+            Finish::Done(_) => seq.text.finish(&self.gen.tokenizer).ok().flatten(),
+            _ => None,
+        };
+        self.in_flight -= seq.reserved;
+        let tenant = seq.tenant.id;
+        let keep = !matches!(how, Finish::Failed(_));
+        match (seq.session, keep) {
+            (Some(key), true) => {
+                // Give back the room reserved for tokens never generated.
+                let _ = seq.cache.shrink_to_fit();
+                let bytes = seq.cache.allocated_bytes() as u64;
+                self.charge(tenant, bytes as i64 - seq.reserved as i64);
+                let tokens = seq.context.len() as u32;
+                let (entry, new) = self.sessions.checkin(key, tenant, std::mem::take(&mut seq.context), seq.cache);
+                if new {
+                    self.policies.on_insert(Entry {
+                        id: entry,
+                        tenant,
+                        bytes,
+                        tokens,
+                        pinned: false,
+                        inserted: self.now,
+                    });
+                } else {
+                    self.policies.on_resize(entry, bytes, tokens);
+                    self.policies.on_pin(entry, false);
+                    self.policies.on_hit(entry, self.now);
+                }
+            }
+            _ => {
+                self.charge(tenant, -(seq.reserved as i64));
+                if let Some(entry) = seq.entry {
+                    // A failed run leaves the session's cache in doubt: drop it.
+                    self.sessions.remove(entry);
+                    self.policies.on_remove(entry);
+                }
+                // Dropping `seq.cache` zeroes it.
+            }
+        }
+        self.publish();
+        match how {
+            Finish::Done(finish) => {
+                if let Some(rest) = tail {
+                    // Text held back for an incomplete character, flushed as is.
+                    let _ = seq.tx.send(Event::Text(rest));
+                }
+                Metrics::add(&self.metrics.requests_finished, 1);
+                let _ = seq.tx.send(Event::Done { finish, usage: seq.usage });
+            }
+            Finish::Failed(e) => {
+                Metrics::add(&self.metrics.requests_failed, 1);
+                let _ = seq.tx.send(Event::Failed(e));
+            }
+            Finish::Cancelled => {}
+        }
+    }
+
+    fn drop_tenant(&mut self, tenant: &Tenant) -> usize {
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].tenant.id == tenant.id {
+                let seq = self.active.swap_remove(i);
+                // A failed sequence's session is dropped with it.
+                self.finish(seq, Finish::Failed(EngineError::TenantDeleted));
+            } else {
+                i += 1;
+            }
+        }
+        let (gone, keep): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|p| p.req.tenant.id == tenant.id);
+        self.waiting = keep.into();
+        for p in gone {
+            let _ = p.tx.send(Event::Failed(EngineError::TenantDeleted));
+        }
+        let entries = self.sessions.entries_of(tenant.id);
+        for &entry in &entries {
+            self.evict(entry);
+        }
+        self.keyring.forget(&tenant.name, tenant.epoch);
+        self.publish();
+        entries.len()
+    }
+
+    fn publish(&self) {
+        let m = &self.metrics;
+        Metrics::set(&m.sequences, self.active.len() as u64);
+        Metrics::set(&m.queued, self.waiting.len() as u64);
+        Metrics::set(&m.cache_bytes, self.used);
+        let mut tenants: Vec<u64> = self.active.iter().map(|s| s.tenant.id).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        Metrics::set(&m.active_tenants, tenants.len() as u64);
+        let mut by_tenant = m.tenant_bytes.lock().expect("metrics lock");
+        if by_tenant.len() != self.tenant_bytes.len()
+            || self.tenant_bytes.iter().any(|(t, b)| by_tenant.get(t) != Some(b))
+        {
+            *by_tenant = self.tenant_bytes.iter().map(|(&t, &b)| (t, b)).collect();
+        }
+    }
+
+    fn shutdown(mut self) {
+        for p in std::mem::take(&mut self.waiting) {
+            let _ = p.tx.send(Event::Failed(EngineError::ShutDown));
+        }
+        for seq in std::mem::take(&mut self.active) {
+            let _ = seq.tx.send(Event::Failed(EngineError::ShutDown));
+        }
+    }
+}
+
+/// Whether `needed` bytes can never fit while `in_flight` bytes are held.
+fn decision_is_budget(needed: u64, budget: u64, in_flight: u64) -> bool {
+    in_flight + needed > budget
+}

@@ -1,0 +1,264 @@
+//! The multi-tenant engine on a random-weight Qwen2: batching across tenants
+//! changes no tenant's tokens, sessions reuse their own prefix and nobody
+//! else's, the memory budget holds through eviction by real policy components,
+//! and key-drop delete removes a tenant's caches.
+
+use candle_core::{DType, Device};
+use kframe::cache::KvPrecision;
+use kframe::engine::{Engine, EngineConfig, EngineError, Event, Submit, Tenant, Usage};
+use kframe::generate::{FinishReason, Generator, SamplingParams};
+use kframe::keys::MasterSecret;
+use kframe::model::load::ModelDir;
+use kframe::model::{synth, Variant};
+use kframe::plugin::{Limits, PluginRuntime, PolicyKind, PolicySet};
+use kframe::rotation::Keyring;
+use std::sync::Arc;
+use std::time::Duration;
+use tempfile::TempDir;
+
+const MASTER: [u8; 32] = [9; 32];
+
+struct Fixture {
+    _tmp: TempDir,
+    dir: ModelDir,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    synth::write_model_dir(tmp.path(), &synth::tiny_config(), 21).unwrap();
+    let dir = ModelDir::open(tmp.path()).unwrap();
+    Fixture { _tmp: tmp, dir }
+}
+
+fn policies() -> Arc<PolicySet> {
+    let limits = Limits { deadline: Duration::from_secs(2), ..Limits::default() };
+    Arc::new(PolicySet::new(PluginRuntime::new(limits, None).unwrap()))
+}
+
+fn engine(f: &Fixture, cfg: EngineConfig, policies: Arc<PolicySet>) -> Engine {
+    let gen = Generator::load(&f.dir, DType::F32, &Device::Cpu).unwrap();
+    Engine::start(gen, MasterSecret::from_bytes(MASTER), policies, cfg)
+}
+
+fn tenant(id: u64) -> Tenant {
+    Tenant { id, name: format!("tenant-{id}"), epoch: 0, tier: 0 }
+}
+
+fn prompt(seed: u32, len: u32) -> Vec<u32> {
+    (0..len).map(|j| (31 * seed + 7 * j) % 250 + 1).collect()
+}
+
+fn params(max_tokens: usize) -> SamplingParams {
+    SamplingParams { max_tokens, ..SamplingParams::default() }
+}
+
+fn submit(e: &Engine, t: Tenant, session: Option<&str>, prompt: Vec<u32>, max_tokens: usize) -> kframe::engine::Stream {
+    e.submit(Submit { tenant: t, session: session.map(str::to_owned), prompt, params: params(max_tokens) })
+}
+
+/// What `kframe generate` gives the same tenant for the same prompt.
+fn solo(f: &Fixture, t: &Tenant, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let gen = Generator::load(&f.dir, DType::F32, &Device::Cpu).unwrap();
+    let ring =
+        Keyring::new(MasterSecret::from_bytes(MASTER), gen.model.rotation_shape(), DType::F32, false, Device::Cpu, 4);
+    let frame = ring.frame(&t.name, t.epoch).unwrap();
+    gen.generate(prompt, &frame, Variant::ProbeTime, KvPrecision::Native, &params(max_tokens), |_| {}).unwrap().tokens
+}
+
+fn done(ev: &Event) -> Usage {
+    match ev {
+        Event::Done { usage, .. } => *usage,
+        other => panic!("expected Done, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sixteen_tenants_decoding_in_one_batch_each_get_their_solo_tokens() {
+    let f = fixture();
+    let e = engine(&f, EngineConfig::default(), policies());
+    let streams: Vec<_> = (0..16).map(|i| submit(&e, tenant(i), None, prompt(i as u32, 5 + i as u32), 10)).collect();
+    let mut outs = Vec::new();
+    for s in streams {
+        let (tokens, _, last) = s.collect().await;
+        assert!(matches!(last, Event::Done { finish: FinishReason::Length, .. }), "{last:?}");
+        outs.push(tokens);
+    }
+    let m = e.metrics();
+    assert!(m.decode_steps < 16 * 9, "{} decode steps for 16 x 9 tokens: not batched", m.decode_steps);
+    for (i, tokens) in outs.iter().enumerate() {
+        assert_eq!(tokens, &solo(&f, &tenant(i as u64), &prompt(i as u32, 5 + i as u32), 10), "tenant {i}");
+    }
+}
+
+#[tokio::test]
+async fn a_session_reuses_its_own_prefix_and_gives_the_same_tokens_as_a_fresh_run() {
+    let f = fixture();
+    let e = engine(&f, EngineConfig::default(), policies());
+    let first = prompt(3, 20);
+    let (gen1, _, last) = submit(&e, tenant(1), Some("chat"), first.clone(), 6).collect().await;
+    assert_eq!(done(&last).cached_tokens, 0);
+    let mut second = first.clone();
+    second.extend(&gen1);
+    second.extend(prompt(4, 5));
+    let (gen2, _, last) = submit(&e, tenant(1), Some("chat"), second.clone(), 6).collect().await;
+    // The cache holds the first prompt and all but the last generated token.
+    assert_eq!(done(&last).cached_tokens, first.len() + gen1.len() - 1);
+    assert_eq!(gen2, solo(&f, &tenant(1), &second, 6));
+}
+
+#[tokio::test]
+async fn the_same_session_name_under_another_tenant_is_another_session() {
+    let f = fixture();
+    let e = engine(&f, EngineConfig::default(), policies());
+    let p = prompt(5, 16);
+    let (_, _, last) = submit(&e, tenant(1), Some("shared-name"), p.clone(), 4).collect().await;
+    done(&last);
+    let (tokens, _, last) = submit(&e, tenant(2), Some("shared-name"), p.clone(), 4).collect().await;
+    assert_eq!(done(&last).cached_tokens, 0, "tenant 2 hit tenant 1's cache");
+    assert_eq!(tokens, solo(&f, &tenant(2), &p, 4));
+}
+
+/// Bytes one session of `tokens` tokens holds in the tiny model (f32).
+fn session_bytes(tokens: usize) -> u64 {
+    let c = synth::tiny_config();
+    (2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * tokens * 4) as u64
+}
+
+async fn run_budget_trace(e: &Engine, tenants: u64) {
+    for round in 0..2 {
+        for i in 0..tenants {
+            let (_, _, last) = submit(e, tenant(i), Some("s"), prompt(i as u32, 24), 8).collect().await;
+            done(&last);
+            let m = e.metrics();
+            assert!(
+                m.cache_bytes <= budget(),
+                "round {round} tenant {i}: {} bytes held, budget {}",
+                m.cache_bytes,
+                budget()
+            );
+        }
+    }
+}
+
+fn budget() -> u64 {
+    // Room for about ten 32-token sessions.
+    10 * session_bytes(32)
+}
+
+#[tokio::test]
+async fn with_a_budget_for_ten_sessions_thirty_tenants_are_served_within_it() {
+    let f = fixture();
+    let cfg = EngineConfig { kv_budget: budget(), ..EngineConfig::default() };
+    let e = engine(&f, cfg, policies());
+    run_budget_trace(&e, 30).await;
+    let m = e.metrics();
+    assert!(m.evictions >= 20, "{} evictions", m.evictions);
+    assert!(m.cache_bytes <= budget());
+    assert_eq!(m.requests_failed, 0);
+}
+
+fn shipped(name: &str) -> Vec<u8> {
+    std::fs::read(kframe::plugin::shipped(name))
+        .unwrap_or_else(|e| panic!("{name} plugin (run scripts/build-plugins.sh): {e}"))
+}
+
+/// Tenants 0, 1, 2 hold sessions; tenant 0 is used three times, first. A fourth
+/// session needs room: LRU evicts tenant 0 (least recently used), LFU evicts
+/// tenant 1 (fewest hits, then least recent).
+async fn victim_under(plugin: &str) -> Vec<u64> {
+    let f = fixture();
+    let set = policies();
+    set.swap(PolicyKind::Eviction, plugin, &shipped(plugin), "").unwrap();
+    let cfg = EngineConfig { kv_budget: 3 * session_bytes(24) + session_bytes(24) / 2, ..EngineConfig::default() };
+    let e = engine(&f, cfg, set);
+    let ask = |t: u64, len: u32| {
+        let e = e.clone();
+        async move {
+            let (_, _, last) = submit(&e, tenant(t), Some("s"), prompt(t as u32, len), 0).collect().await;
+            done(&last);
+        }
+    };
+    for t in [0, 0, 0, 1, 2] {
+        ask(t, 23).await;
+    }
+    let before = e.metrics().cache_bytes_by_tenant;
+    ask(3, 23).await;
+    let after = e.metrics().cache_bytes_by_tenant;
+    before.keys().filter(|t| !after.contains_key(t)).copied().collect()
+}
+
+#[tokio::test]
+async fn lru_and_lfu_components_evict_different_sessions_on_the_same_trace() {
+    assert_eq!(victim_under("lru").await, vec![0]);
+    assert_eq!(victim_under("lfu").await, vec![1]);
+}
+
+#[tokio::test]
+async fn a_hostile_eviction_component_falls_back_and_serving_continues() {
+    let f = fixture();
+    let set = policies();
+    set.swap(PolicyKind::Eviction, "hostile", &shipped("hostile"), "unknown").unwrap();
+    let cfg = EngineConfig { kv_budget: budget(), ..EngineConfig::default() };
+    let e = engine(&f, cfg, set);
+    run_budget_trace(&e, 15).await;
+    let m = e.metrics();
+    assert!(m.plugin_failures > 0, "the hostile plugin never failed");
+    assert!(m.evictions > 0);
+    assert_eq!(m.requests_failed, 0);
+}
+
+#[tokio::test]
+async fn a_request_bigger_than_the_whole_budget_is_refused_with_a_clear_error() {
+    let f = fixture();
+    let cfg = EngineConfig { kv_budget: session_bytes(16), ..EngineConfig::default() };
+    let e = engine(&f, cfg, policies());
+    let (_, _, last) = submit(&e, tenant(1), None, prompt(1, 30), 10).collect().await;
+    assert!(matches!(last, Event::Failed(EngineError::OverBudget { .. })), "{last:?}");
+}
+
+#[tokio::test]
+async fn bad_requests_fail_clearly_and_the_engine_keeps_serving() {
+    let f = fixture();
+    let e = engine(&f, EngineConfig::default(), policies());
+    let vocab = synth::tiny_config().vocab_size as u32;
+    for bad in [vec![], vec![1, vocab, 2], vec![1; 100_000]] {
+        let (_, _, last) = submit(&e, tenant(1), None, bad, 4).collect().await;
+        assert!(matches!(last, Event::Failed(EngineError::Invalid(_))), "{last:?}");
+    }
+    let (tokens, _, last) = submit(&e, tenant(1), None, prompt(1, 8), 4).collect().await;
+    done(&last);
+    assert_eq!(tokens.len(), 4);
+}
+
+#[tokio::test]
+async fn dropping_the_stream_cancels_the_request() {
+    let f = fixture();
+    let e = engine(&f, EngineConfig::default(), policies());
+    let s = submit(&e, tenant(1), None, prompt(1, 8), 200);
+    drop(s);
+    let (_, _, last) = submit(&e, tenant(2), None, prompt(2, 8), 3).collect().await;
+    done(&last);
+    let m = e.metrics();
+    assert!(m.tokens_generated < 200, "the cancelled request ran to the end");
+    assert_eq!(m.sequences, 0);
+}
+
+#[tokio::test]
+async fn key_drop_delete_frees_the_tenants_sessions_and_nobody_elses() {
+    let f = fixture();
+    let e = engine(&f, EngineConfig::default(), policies());
+    for t in [1, 2] {
+        for s in ["a", "b"] {
+            let (_, _, last) = submit(&e, tenant(t), Some(s), prompt(t as u32, 12), 2).collect().await;
+            done(&last);
+        }
+    }
+    assert_eq!(e.drop_tenant(tenant(1)).await.unwrap(), 2);
+    let m = e.metrics();
+    assert!(!m.cache_bytes_by_tenant.contains_key(&1), "{:?}", m.cache_bytes_by_tenant);
+    assert!(m.cache_bytes_by_tenant.contains_key(&2));
+    let (_, _, last) = submit(&e, tenant(1), Some("a"), prompt(1, 12), 2).collect().await;
+    assert_eq!(done(&last).cached_tokens, 0, "a deleted tenant's session survived");
+    let (_, _, last) = submit(&e, tenant(2), Some("a"), prompt(2, 12), 2).collect().await;
+    assert_eq!(done(&last).cached_tokens, 11);
+}
