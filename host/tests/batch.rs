@@ -142,3 +142,55 @@ fn batched_decode_rejects_a_bad_token_without_touching_any_cache() {
         assert_eq!(cache.len(), prompt.len());
     }
 }
+
+/// 16 tenants decode together; tenant 5 reads its cache with tenant 6's key. The
+/// other 15 get exactly the tokens they get alone, and tenant 5's garbage stays
+/// its own.
+#[test]
+fn a_wrong_key_in_a_batch_of_16_changes_no_other_tenants_tokens() {
+    let (_tmp, model) = tiny_model();
+    let ring =
+        Keyring::new(MasterSecret::from_bytes([4; 32]), model.rotation_shape(), DType::F32, false, Device::Cpu, 32);
+    let frames: Vec<Frame> = (0..16).map(|i| ring.frame(&format!("t{i}"), 0).unwrap()).collect();
+    let prompts: Vec<Vec<u32>> = (0..16u32).map(|i| (0..6 + i).map(|j| (13 * i + 3 * j) % 250 + 1).collect()).collect();
+    let run = |i: usize| -> Vec<u32> {
+        let mut cache = model.new_cache(KvPrecision::Native);
+        let mut next = argmax(&model.forward(&prompts[i], &mut cache, &frames[i], Variant::ProbeTime).unwrap());
+        let mut out = vec![next];
+        for _ in 0..10 {
+            next = argmax(&model.forward(&[next], &mut cache, &frames[i], Variant::ProbeTime).unwrap());
+            out.push(next);
+        }
+        out
+    };
+    let alone: Vec<Vec<u32>> = (0..16).map(run).collect();
+
+    let mut caches: Vec<KvCache> = Vec::new();
+    let mut next: Vec<u32> = Vec::new();
+    for i in 0..16 {
+        let mut cache = model.new_cache(KvPrecision::Native);
+        next.push(argmax(&model.forward(&prompts[i], &mut cache, &frames[i], Variant::ProbeTime).unwrap()));
+        caches.push(cache);
+    }
+    // From here on tenant 5 attends with the wrong key.
+    let mut used: Vec<&Frame> = frames.iter().collect();
+    used[5] = &frames[6];
+    let mut together: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+    for _ in 0..10 {
+        let mut seqs: Vec<BatchSeq> = caches
+            .iter_mut()
+            .zip(&used)
+            .zip(&next)
+            .map(|((cache, frame), &token)| BatchSeq { token, cache, frame })
+            .collect();
+        let logits = model.decode_batch(&mut seqs, Variant::ProbeTime).unwrap();
+        for (i, t) in next.iter_mut().enumerate() {
+            *t = argmax(&logits.get(i).unwrap());
+            together[i].push(*t);
+        }
+    }
+    for i in (0..16).filter(|&i| i != 5) {
+        assert_eq!(together[i], alone[i], "tenant {i} changed by tenant 5's wrong key");
+    }
+    assert_ne!(together[5], alone[5], "a wrong key decoded like the right one");
+}
