@@ -202,6 +202,28 @@ impl KvCache {
         Ok((k.to_dtype(self.plain)?, v.to_dtype(self.plain)?))
     }
 
+    /// Re-key without a new prefill: every row goes from `old`'s frame to `new`'s,
+    /// k'' = R_new R_old^T k' (and the same with S for V), in the storage dtype.
+    pub fn rekey(&mut self, old: &Frame, new: &Frame) -> Result<()> {
+        for layer in 0..self.shape.layers {
+            if self.layers[layer].is_none() || self.len == 0 {
+                continue;
+            }
+            let (k, v) = self.rotated(layer, self.len)?;
+            let (k, v) = (k.contiguous()?, v.contiguous()?);
+            let (k, v) = match old.layer(layer) {
+                None => (k, v),
+                Some(r) => r.unrotate_kv(&k, &v)?,
+            };
+            let (k, v) = match new.layer(layer) {
+                None => (k, v),
+                Some(r) => r.rotate_kv(&k, &v, self.store)?,
+            };
+            self.write(layer, 0, &k, &v)?;
+        }
+        Ok(())
+    }
+
     /// Fills the cache to `len` tokens with random rotated rows: benchmarks measure
     /// decode at a long context without paying for the prefill.
     pub fn fill_random(&mut self, len: usize) -> Result<()> {

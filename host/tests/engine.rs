@@ -264,3 +264,24 @@ fn sharded_safetensors_load_through_the_index() {
     };
     assert_eq!(max_abs_diff(&run(&single), &run(&sharded)), 0.0);
 }
+
+#[test]
+fn rekey_in_place_recovers_the_plaintext_under_the_new_key() {
+    let cfg = synth::tiny_config();
+    let (_tmp, dir) = model_dir(&cfg);
+    let model = dir.load_model(DType::F32, &Device::Cpu).unwrap();
+    let ring = keyring(&model, false);
+    let (old, new) = (ring.frame("alice", 0).unwrap(), ring.frame("alice", 1).unwrap());
+    let mut cache = model.new_cache(KvPrecision::Native);
+    let mut trace = Trace::default();
+    model.forward_traced(&PROMPT, &mut cache, &old, Variant::ProbeTime, Some(&mut trace)).unwrap();
+    let before = cache.rotated(0, PROMPT.len()).unwrap().0.contiguous().unwrap();
+    cache.rekey(&old, &new).unwrap();
+    let after = cache.rotated(0, PROMPT.len()).unwrap().0.contiguous().unwrap();
+    assert!(max_abs_diff(&before, &after) > 1e-2, "re-key left the rows as they were");
+    for layer in 0..cfg.num_hidden_layers {
+        let (k, v) = cache.recover(layer, &new).unwrap();
+        assert!(max_abs_diff(&k, &trace.k[layer]) <= 1e-5);
+        assert!(max_abs_diff(&v, &trace.v[layer]) <= 1e-5);
+    }
+}

@@ -262,3 +262,23 @@ async fn key_drop_delete_frees_the_tenants_sessions_and_nobody_elses() {
     let (_, _, last) = submit(&e, tenant(2), Some("a"), prompt(2, 12), 2).collect().await;
     assert_eq!(done(&last).cached_tokens, 11);
 }
+
+#[tokio::test]
+async fn rekey_moves_a_live_session_to_the_new_epoch_without_changing_its_output() {
+    let f = fixture();
+    let e = engine(&f, EngineConfig::default(), policies());
+    let first = prompt(8, 18);
+    let (gen1, _, last) = submit(&e, tenant(1), Some("s"), first.clone(), 5).collect().await;
+    done(&last);
+    assert_eq!(e.rekey(tenant(1), 1).await.unwrap(), 1);
+    let mut second = first.clone();
+    second.extend(&gen1);
+    second.extend(prompt(9, 4));
+    // The old epoch no longer opens the session.
+    let (_, _, last) = submit(&e, tenant(1), Some("s"), second.clone(), 5).collect().await;
+    assert!(matches!(last, Event::Failed(EngineError::StaleEpoch { session: 1, request: 0 })), "{last:?}");
+    let new = Tenant { epoch: 1, ..tenant(1) };
+    let (gen2, _, last) = submit(&e, new.clone(), Some("s"), second.clone(), 5).collect().await;
+    assert_eq!(done(&last).cached_tokens, first.len() + gen1.len() - 1, "the re-keyed cache was not reused");
+    assert_eq!(gen2, solo(&f, &new, &second, 5));
+}

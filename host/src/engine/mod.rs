@@ -83,6 +83,8 @@ pub enum EngineError {
     OverBudget { needed: u64, budget: u64 },
     #[error("the session is in use by another request")]
     SessionBusy,
+    #[error("the session is in key epoch {session}, the request in {request}")]
+    StaleEpoch { session: u64, request: u64 },
     #[error("the tenant was deleted")]
     TenantDeleted,
     #[error("invalid request: {0}")]
@@ -173,6 +175,7 @@ impl Stream {
 enum Command {
     Submit(Submit, mpsc::UnboundedSender<Event>),
     DropTenant(Tenant, oneshot::Sender<usize>),
+    Rekey(Tenant, u64, oneshot::Sender<Result<usize, EngineError>>),
     Shutdown,
 }
 
@@ -229,6 +232,15 @@ impl Engine {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::DropTenant(tenant, tx)).map_err(|_| EngineError::ShutDown)?;
         rx.await.map_err(|_| EngineError::ShutDown)
+    }
+
+    /// Moves the tenant (at `tenant.epoch`) to `new_epoch`: every cache it holds is
+    /// re-rotated in place, k'' = R_new R_old^T k', with no new prefill; the old
+    /// rotations are forgotten. Returns the sessions re-keyed.
+    pub async fn rekey(&self, tenant: Tenant, new_epoch: u64) -> Result<usize, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Rekey(tenant, new_epoch, tx)).map_err(|_| EngineError::ShutDown)?;
+        rx.await.map_err(|_| EngineError::ShutDown)?
     }
 
     pub fn metrics(&self) -> MetricsSnapshot {

@@ -17,6 +17,8 @@ pub struct Stored {
     /// The eviction policy's entry id.
     pub entry: u64,
     pub tenant: u64,
+    /// The key epoch the cache is written in.
+    pub epoch: u64,
     /// The tokens the cache holds, in order.
     pub tokens: Vec<u32>,
     /// `None` while a request has it checked out.
@@ -32,7 +34,7 @@ pub enum Checkout {
     /// Another request holds it.
     Busy,
     /// The cache and the tokens it holds; the entry is now in use.
-    Cached { entry: u64, tokens: Vec<u32>, cache: KvCache, bytes: u64 },
+    Cached { entry: u64, epoch: u64, tokens: Vec<u32>, cache: KvCache, bytes: u64 },
 }
 
 pub struct Sessions {
@@ -71,18 +73,30 @@ impl Sessions {
             None => Checkout::New,
             Some(s) => match s.cache.take() {
                 None => Checkout::Busy,
-                Some(cache) => {
-                    Checkout::Cached { entry: s.entry, tokens: std::mem::take(&mut s.tokens), cache, bytes: s.bytes }
-                }
+                Some(cache) => Checkout::Cached {
+                    entry: s.entry,
+                    epoch: s.epoch,
+                    tokens: std::mem::take(&mut s.tokens),
+                    cache,
+                    bytes: s.bytes,
+                },
             },
         }
     }
 
     /// Puts a cache (back) under `key`. Returns its entry id and whether the
     /// entry is new.
-    pub fn checkin(&mut self, key: SessionKey, tenant: u64, tokens: Vec<u32>, cache: KvCache) -> (u64, bool) {
+    pub fn checkin(
+        &mut self,
+        key: SessionKey,
+        tenant: u64,
+        epoch: u64,
+        tokens: Vec<u32>,
+        cache: KvCache,
+    ) -> (u64, bool) {
         let bytes = cache.allocated_bytes() as u64;
         if let Some(s) = self.map.get_mut(&key) {
+            s.epoch = epoch;
             s.tokens = tokens;
             s.cache = Some(cache);
             s.bytes = bytes;
@@ -90,7 +104,7 @@ impl Sessions {
         }
         let entry = self.next_entry;
         self.next_entry += 1;
-        self.map.insert(key, Stored { entry, tenant, tokens, cache: Some(cache), bytes });
+        self.map.insert(key, Stored { entry, tenant, epoch, tokens, cache: Some(cache), bytes });
         self.by_entry.insert(entry, key);
         (entry, true)
     }
@@ -108,5 +122,9 @@ impl Sessions {
 
     pub fn get(&self, entry: u64) -> Option<&Stored> {
         self.by_entry.get(&entry).and_then(|k| self.map.get(k))
+    }
+
+    pub fn get_mut(&mut self, entry: u64) -> Option<&mut Stored> {
+        self.by_entry.get(&entry).and_then(|k| self.map.get_mut(k))
     }
 }

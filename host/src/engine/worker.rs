@@ -155,6 +155,10 @@ impl State {
                 let _ = reply.send(self.drop_tenant(&tenant));
                 true
             }
+            Command::Rekey(tenant, epoch, reply) => {
+                let _ = reply.send(self.rekey(&tenant, epoch));
+                true
+            }
             Command::Shutdown => false,
         }
     }
@@ -202,6 +206,12 @@ impl State {
                 return None;
             }
             Checkout::New => 0,
+            Checkout::Cached { epoch, .. } if *epoch != p.req.tenant.epoch => {
+                let err = EngineError::StaleEpoch { session: *epoch, request: p.req.tenant.epoch };
+                self.give_back(&key, p.req.tenant.id, checkout);
+                self.reject(p, err);
+                return None;
+            }
             Checkout::Cached { entry, bytes, .. } => {
                 self.policies.on_pin(*entry, true);
                 *bytes
@@ -256,8 +266,8 @@ impl State {
 
     /// Returns a checked-out session unchanged.
     fn give_back(&mut self, key: &Option<SessionKey>, tenant: u64, checkout: Checkout) {
-        if let (Some(key), Checkout::Cached { entry, tokens, cache, .. }) = (key, checkout) {
-            self.sessions.checkin(*key, tenant, tokens, cache);
+        if let (Some(key), Checkout::Cached { entry, epoch, tokens, cache, .. }) = (key, checkout) {
+            self.sessions.checkin(*key, tenant, epoch, tokens, cache);
             self.policies.on_pin(entry, false);
         }
     }
@@ -514,7 +524,8 @@ impl State {
                 let bytes = seq.cache.allocated_bytes() as u64;
                 self.charge(tenant, bytes as i64 - seq.reserved as i64);
                 let tokens = seq.context.len() as u32;
-                let (entry, new) = self.sessions.checkin(key, tenant, std::mem::take(&mut seq.context), seq.cache);
+                let (entry, new) =
+                    self.sessions.checkin(key, tenant, seq.tenant.epoch, std::mem::take(&mut seq.context), seq.cache);
                 if new {
                     self.policies.on_insert(Entry {
                         id: entry,
@@ -581,6 +592,28 @@ impl State {
         self.keyring.forget(&tenant.name, tenant.epoch);
         self.publish();
         entries.len()
+    }
+
+    fn rekey(&mut self, tenant: &Tenant, epoch: u64) -> Result<usize, EngineError> {
+        let model_err = |e: candle_core::Error| EngineError::Model(e.to_string());
+        let old = self.keyring.frame(&tenant.name, tenant.epoch).map_err(model_err)?;
+        let new = self.keyring.frame(&tenant.name, epoch).map_err(model_err)?;
+        let mut done = 0;
+        for entry in self.sessions.entries_of(tenant.id) {
+            let Some(s) = self.sessions.get_mut(entry) else { continue };
+            if let (Some(cache), true) = (s.cache.as_mut(), s.epoch == tenant.epoch) {
+                cache.rekey(&old, &new).map_err(model_err)?;
+                s.epoch = epoch;
+                done += 1;
+            }
+        }
+        for seq in self.active.iter_mut().filter(|s| s.tenant.id == tenant.id && s.tenant.epoch == tenant.epoch) {
+            seq.cache.rekey(&old, &new).map_err(model_err)?;
+            seq.frame = new.clone();
+            seq.tenant.epoch = epoch;
+        }
+        self.keyring.forget(&tenant.name, tenant.epoch);
+        Ok(done)
     }
 
     fn publish(&self) {
