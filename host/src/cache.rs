@@ -12,6 +12,7 @@
 
 use crate::rotation::Frame;
 use candle_core::{DType, Device, Result, Tensor};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum KvPrecision {
@@ -38,6 +39,18 @@ struct LayerKv {
     v: Tensor,
 }
 
+/// A public prefix (a system prompt, a shared document), prefilled once in the
+/// model's own frame and referenced by every sequence that starts with it
+/// (`shared-plain`, DESIGN.md section 4): its rows are stored once, and no
+/// tenant's key ever touches them, so they expose no known pairs of any key.
+pub struct SharedPrefix {
+    /// blake3 of the model's identity and the token ids.
+    pub id: [u8; 32],
+    pub tokens: Vec<u32>,
+    /// The prefix's K and V in the identity frame.
+    pub cache: KvCache,
+}
+
 pub struct KvCache {
     shape: CacheShape,
     /// The dtype of the plaintext K and V the model computes.
@@ -46,7 +59,10 @@ pub struct KvCache {
     store: DType,
     device: Device,
     layers: Vec<Option<LayerKv>>,
+    /// Rows this cache holds itself (after the shared prefix, if any).
     len: usize,
+    /// A plaintext prefix this sequence attends over before its own rows.
+    shared: Option<Arc<SharedPrefix>>,
 }
 
 impl KvCache {
@@ -55,16 +71,67 @@ impl KvCache {
             KvPrecision::Native => plain,
             KvPrecision::Exact => DType::F64,
         };
-        Self { shape, plain, store, device: device.clone(), layers: (0..shape.layers).map(|_| None).collect(), len: 0 }
+        Self {
+            shape,
+            plain,
+            store,
+            device: device.clone(),
+            layers: (0..shape.layers).map(|_| None).collect(),
+            len: 0,
+            shared: None,
+        }
     }
 
-    /// Tokens cached (every layer holds this many after a forward pass).
+    /// An empty cache whose sequence continues after a shared plaintext prefix.
+    pub fn after_prefix(prefix: Arc<SharedPrefix>, precision: KvPrecision) -> Self {
+        let c = &prefix.cache;
+        let mut cache = Self::new(c.shape, c.plain, precision, &c.device);
+        cache.shared = Some(prefix);
+        cache
+    }
+
+    /// `rotate-copy`: a cache holding the prefix's rows rotated into `frame`, as if
+    /// the tenant had prefilled the prefix itself (without running the model).
+    pub fn rotated_copy(prefix: &SharedPrefix, frame: &Frame, precision: KvPrecision) -> Result<Self> {
+        let c = &prefix.cache;
+        let mut cache = Self::new(c.shape, c.plain, precision, &c.device);
+        for layer in 0..c.shape.layers {
+            let (k, v) = c.rotated(layer, c.len)?;
+            let (k, v) = (k.to_dtype(c.plain)?.contiguous()?, v.to_dtype(c.plain)?.contiguous()?);
+            let (k, v) = match frame.layer(layer) {
+                None => (k, v),
+                Some(r) => r.rotate_kv(&k, &v, cache.store)?,
+            };
+            cache.write_rows(layer, 0, &k, &v)?;
+        }
+        cache.len = c.len;
+        Ok(cache)
+    }
+
+    /// Tokens in context: the shared prefix's, then this cache's own.
     pub fn len(&self) -> usize {
-        self.len
+        self.offset() + self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// Tokens of the shared prefix this cache continues (0 without one).
+    pub fn offset(&self) -> usize {
+        self.shared.as_ref().map_or(0, |p| p.cache.len)
+    }
+
+    pub fn shared_prefix(&self) -> Option<&Arc<SharedPrefix>> {
+        self.shared.as_ref()
+    }
+
+    /// The shared prefix's plaintext K and V of `layer`, (kv, prefix, d) in the
+    /// plaintext dtype.
+    pub fn shared_rows(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(p) = &self.shared else { return Ok(None) };
+        let (k, v) = p.cache.rotated(layer, p.cache.len)?;
+        Ok(Some((k.to_dtype(self.plain)?, v.to_dtype(self.plain)?)))
     }
 
     pub fn store_dtype(&self) -> DType {
@@ -80,8 +147,16 @@ impl KvCache {
         2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * self.len * self.store.size_in_bytes()
     }
 
-    /// Writes (kv, t, d) rotated rows at `pos` of `layer`, growing the buffer if needed.
+    /// Writes (kv, t, d) rotated rows for context positions pos.. of `layer`.
     pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        match pos.checked_sub(self.offset()) {
+            Some(row) => self.write_rows(layer, row, k, v),
+            None => candle_core::bail!("position {pos} lies inside the shared prefix"),
+        }
+    }
+
+    /// Writes (kv, t, d) rows at own row `pos` of `layer`, growing the buffer if needed.
+    fn write_rows(&mut self, layer: usize, pos: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let needed = pos + k.dim(1)?;
         if needed > self.capacity(layer) {
             let new_cap = needed.next_power_of_two().max(64).min(self.shape.max_len.max(needed));
@@ -118,7 +193,7 @@ impl KvCache {
     /// Allocates room for `tokens` tokens in every layer now, so that a sequence
     /// whose budget was reserved never allocates mid-generation.
     pub fn reserve(&mut self, tokens: usize) -> Result<()> {
-        let tokens = tokens.min(self.shape.max_len);
+        let tokens = tokens.min(self.shape.max_len).saturating_sub(self.offset());
         for layer in 0..self.shape.layers {
             if tokens > self.capacity(layer) {
                 self.reallocate(layer, tokens, self.len)?;
@@ -161,7 +236,8 @@ impl KvCache {
         self.shape
     }
 
-    /// The first `len` rotated rows of `layer` as (kv, len, d) in the storage dtype.
+    /// The first `len` own rows of `layer` (after any shared prefix) as (kv, len, d)
+    /// in the storage dtype.
     pub fn rotated(&self, layer: usize, len: usize) -> Result<(Tensor, Tensor)> {
         match &self.layers[layer] {
             Some(buf) => Ok((buf.k.narrow(1, 0, len)?, buf.v.narrow(1, 0, len)?)),
@@ -169,14 +245,18 @@ impl KvCache {
         }
     }
 
-    /// Sets the cached length after a forward pass wrote every layer.
+    /// Sets the context length after a forward pass wrote every layer.
     pub(crate) fn set_len(&mut self, len: usize) {
-        self.len = len;
+        self.len = len - self.offset();
     }
 
-    /// Forgets tokens past `len` (their rows are zeroed): reuse of a shorter prefix,
-    /// benchmarks that hold the context fixed.
+    /// Forgets tokens past context length `len` (their rows are zeroed): reuse of a
+    /// shorter prefix, benchmarks that hold the context fixed. A shared prefix
+    /// cannot be cut into.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
+        let Some(len) = len.checked_sub(self.offset()) else {
+            candle_core::bail!("cannot truncate into the shared prefix of {} tokens", self.offset())
+        };
         if len >= self.len {
             return Ok(());
         }
@@ -190,8 +270,9 @@ impl KvCache {
         Ok(())
     }
 
-    /// The matched-key round trip: the plaintext K and V of `layer`, recovered with
-    /// the frame the cache was written in, as (kv, len, d) in the plaintext dtype.
+    /// The matched-key round trip: the plaintext K and V of `layer`'s own rows,
+    /// recovered with the frame the cache was written in, as (kv, len, d) in the
+    /// plaintext dtype.
     pub fn recover(&self, layer: usize, frame: &Frame) -> Result<(Tensor, Tensor)> {
         let (k, v) = self.rotated(layer, self.len)?;
         let (k, v) = match frame.layer(layer) {
@@ -219,7 +300,7 @@ impl KvCache {
                 None => (k, v),
                 Some(r) => r.rotate_kv(&k, &v, self.store)?,
             };
-            self.write(layer, 0, &k, &v)?;
+            self.write_rows(layer, 0, &k, &v)?;
         }
         Ok(())
     }
@@ -231,7 +312,7 @@ impl KvCache {
         for layer in 0..layers {
             let k = Tensor::randn(0f32, 1f32, (kv_heads, len, head_dim), &self.device)?;
             let v = Tensor::randn(0f32, 1f32, (kv_heads, len, head_dim), &self.device)?;
-            self.write(layer, 0, &k, &v)?;
+            self.write_rows(layer, 0, &k, &v)?;
         }
         self.len = len;
         Ok(())

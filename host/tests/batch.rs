@@ -194,3 +194,67 @@ fn a_wrong_key_in_a_batch_of_16_changes_no_other_tenants_tokens() {
     }
     assert_ne!(together[5], alone[5], "a wrong key decoded like the right one");
 }
+
+/// A shared plaintext prefix plus a tenant's rotated suffix attends exactly like
+/// the whole context in the tenant's frame, alone and batched, in both variants;
+/// so does a rotated copy of the prefix.
+#[test]
+fn shared_plain_prefix_and_rotated_copy_match_a_single_frame_run() {
+    use kframe::cache::SharedPrefix;
+    use std::sync::Arc;
+    let (_tmp, model) = tiny_model();
+    let (frames, prompts) = sequences(&model, KvPrecision::Native);
+    let prefix_tokens: Vec<u32> = (0..40).map(|j| (11 * j) % 250 + 1).collect();
+    let mut plain = model.new_cache(KvPrecision::Native);
+    model.forward(&prefix_tokens, &mut plain, &Frame::Identity, Variant::ProbeTime).unwrap();
+    let prefix = Arc::new(SharedPrefix { id: [0; 32], tokens: prefix_tokens.clone(), cache: plain });
+    for variant in [Variant::ProbeTime, Variant::DecodeTime] {
+        let greedy = |cache: &mut KvCache, frame: &Frame, suffix: &[u32]| -> Vec<u32> {
+            let mut next = argmax(&model.forward(suffix, cache, frame, variant).unwrap());
+            let mut out = vec![next];
+            for _ in 0..8 {
+                next = argmax(&model.forward(&[next], cache, frame, variant).unwrap());
+                out.push(next);
+            }
+            out
+        };
+        let mut shared_caches = Vec::new();
+        let mut firsts = Vec::new();
+        for (frame, suffix) in frames.iter().zip(&prompts) {
+            let mut whole: Vec<u32> = prefix_tokens.clone();
+            whole.extend(suffix);
+            let reference = greedy(&mut model.new_cache(KvPrecision::Native), frame, &whole);
+            let mut shared = KvCache::after_prefix(prefix.clone(), KvPrecision::Native);
+            assert_eq!(greedy(&mut shared, frame, suffix), reference, "shared-plain, {variant:?}");
+            let mut copy = KvCache::rotated_copy(&prefix, frame, KvPrecision::Native).unwrap();
+            assert_eq!(greedy(&mut copy, frame, suffix), reference, "rotate-copy, {variant:?}");
+            // Batched: the same sequences, after the prefix, decoding together.
+            let mut c = KvCache::after_prefix(prefix.clone(), KvPrecision::Native);
+            firsts.push(argmax(&model.forward(suffix, &mut c, frame, variant).unwrap()));
+            shared_caches.push((c, reference));
+        }
+        let mut next = firsts;
+        let mut got: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+        for _ in 0..8 {
+            let mut seqs: Vec<BatchSeq> = shared_caches
+                .iter_mut()
+                .zip(&frames)
+                .zip(&next)
+                .map(|(((cache, _), frame), &token)| BatchSeq { token, cache, frame })
+                .collect();
+            let logits = model.decode_batch(&mut seqs, variant).unwrap();
+            for (i, t) in next.iter_mut().enumerate() {
+                *t = argmax(&logits.get(i).unwrap());
+                got[i].push(*t);
+            }
+        }
+        for (i, (_, reference)) in shared_caches.iter().enumerate() {
+            assert_eq!(&got[i], reference, "batched shared-plain, sequence {i}, {variant:?}");
+        }
+        // The prefix's rows are stored once: a sequence's cache holds only its own.
+        assert_eq!(shared_caches[0].0.len(), prefix_tokens.len() + prompts[0].len() + 8);
+        let own_rows = prompts[0].len() + 8;
+        let row_bytes = shared_caches[0].0.bytes() / own_rows;
+        assert_eq!(shared_caches[0].0.bytes(), own_rows * row_bytes);
+    }
+}

@@ -348,32 +348,34 @@ impl Attention {
         };
         cache.write(index, step.pos, &k_store, &v_store)?;
         let len = step.pos + t;
-        let (keys, values) = cache.rotated(index, len)?; // (kv, len, d), storage dtype
+        let (keys, values) = cache.rotated(index, len - cache.offset())?; // (kv, own, d), storage dtype
         let (keys, values) = (keys.to_dtype(xs.dtype())?, values.to_dtype(xs.dtype())?);
+        let shared = cache.shared_rows(index)?;
 
         // Query heads grouped by their kv head: (kv, g * t, d). Head i uses kv head
         // i / g, as repeat_kv lays them out.
         let q = q.reshape((kv, g * t, d))?;
-        let (q, keys, values) = match (rot, step.variant) {
-            (None, _) => (q, keys, values),
+        let (q_own, keys, values) = match (rot, step.variant) {
+            (None, _) => (q.clone(), keys, values),
             (Some(r), Variant::ProbeTime) => (r.rotate_q(&q)?, keys, values),
             (Some(r), Variant::DecodeTime) => {
                 let (k, v) = r.unrotate_kv(&keys.contiguous()?, &values.contiguous()?)?;
-                (q, k, v)
+                (q.clone(), k, v)
             }
         };
-        let scale = 1f64 / (d as f64).sqrt();
-        let scores = (q.matmul(&keys.t()?)? * scale)?; // (kv, g * t, len)
-        let scores = match step.mask {
-            None => scores,
-            Some(mask) => scores.reshape((kv, g, t, len))?.broadcast_add(mask)?.reshape((kv, g * t, len))?,
+        let mask = |scores: Tensor| match step.mask {
+            None => Ok(scores),
+            Some(mask) => scores.reshape((kv, g, t, len))?.broadcast_add(mask)?.reshape((kv, g * t, len)),
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&values)?; // (kv, g * t, d)
-        let out = match (rot, step.variant) {
-            (Some(r), Variant::ProbeTime) => r.unrotate_out(&out)?,
-            _ => out,
+        let (head, own) = attend(&q, &q_own, shared.as_ref(), &keys, &values, mask)?;
+        let own = match (rot, step.variant) {
+            (Some(r), Variant::ProbeTime) => r.unrotate_out(&own)?,
+            _ => own,
         };
+        let out = match head {
+            None => own,
+            Some(head) => (head + own)?,
+        }; // (kv, g * t, d)
         let out = out.reshape((h, t, d))?.transpose(0, 1)?.reshape((b, t, h * d))?;
         Ok(self.o_proj.forward(&out)?)
     }
@@ -401,12 +403,11 @@ impl Attention {
         let k = candle_nn::rotary_emb::rope(&k, &rope.cos, &rope.sin)?.reshape((b * kv, 1, d))?;
         // Every sequence's K, V (and probe-time Q) into its own frame at once.
         let (k_rot, v_rot) = (rot.rotate_k(&k)?, rot.rotate_v(&v)?);
-        let q = match variant {
+        let q_own = match variant {
             Variant::ProbeTime => rot.rotate_k(&q)?,
-            Variant::DecodeTime => q,
+            Variant::DecodeTime => q.clone(),
         };
-        let scale = 1f64 / (d as f64).sqrt();
-        let mut outs = Vec::with_capacity(b);
+        let (mut heads, mut owns) = (Vec::new(), Vec::with_capacity(b));
         for (j, s) in seqs.iter_mut().enumerate() {
             let layer_rot = s.frame.layer(index);
             let rows = |x: &Tensor| x.narrow(0, j * kv, kv);
@@ -419,21 +420,59 @@ impl Attention {
             };
             let pos = s.cache.len();
             s.cache.write(index, pos, &k_store, &v_store)?;
-            let (keys, values) = s.cache.rotated(index, pos + 1)?;
+            let (keys, values) = s.cache.rotated(index, pos + 1 - s.cache.offset())?;
             let (keys, values) = (keys.to_dtype(xs.dtype())?, values.to_dtype(xs.dtype())?);
             let (keys, values) = match (layer_rot, variant) {
                 (Some(r), Variant::DecodeTime) => r.unrotate_kv(&keys.contiguous()?, &values.contiguous()?)?,
                 _ => (keys, values),
             };
-            let scores = (rows(&q)?.matmul(&keys.t()?)? * scale)?; // (kv, g, len)
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            outs.push(probs.matmul(&values)?); // (kv, g, d)
+            let shared = s.cache.shared_rows(index)?;
+            let (head, own) = attend(&rows(&q)?, &rows(&q_own)?, shared.as_ref(), &keys, &values, Ok)?;
+            heads.push(head);
+            owns.push(own); // (kv, g, d), in the sequence's frame
         }
-        let out = Tensor::cat(&outs, 0)?; // (b * kv, g, d)
-        let out = match variant {
+        let out = Tensor::cat(&owns, 0)?; // (b * kv, g, d)
+        let mut out = match variant {
             Variant::ProbeTime => rot.unrotate_out(&out)?,
             Variant::DecodeTime => out,
         };
+        if heads.iter().any(Option::is_some) {
+            let zeros = Tensor::zeros((kv, g, d), out.dtype(), out.device())?;
+            let heads: Vec<Tensor> = heads.into_iter().map(|h| h.unwrap_or_else(|| zeros.clone())).collect();
+            out = (out + Tensor::cat(&heads, 0)?)?;
+        }
         Ok(self.o_proj.forward(&out.reshape((b, 1, h * d))?)?)
+    }
+}
+
+/// Scaled dot-product attention over a shared plaintext prefix (if any), seen
+/// with the plain query `q`, followed by the sequence's own rows, seen with
+/// `q_own` (the query in the rows' frame: rotated, probe-time). One softmax spans
+/// both. Returns the prefix's share of the output (model frame) and the own rows'
+/// share (in their frame: the caller un-rotates it).
+fn attend(
+    q: &Tensor,
+    q_own: &Tensor,
+    shared: Option<&(Tensor, Tensor)>,
+    keys: &Tensor,
+    values: &Tensor,
+    mask: impl FnOnce(Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+    let scale = 1f64 / (q.dim(candle_core::D::Minus1)? as f64).sqrt();
+    let own = (q_own.matmul(&keys.t()?)? * scale)?;
+    let scores = match shared {
+        None => own,
+        Some((k_p, _)) => Tensor::cat(&[(q.matmul(&k_p.t()?)? * scale)?, own], 2)?,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&mask(scores)?)?;
+    match shared {
+        None => Ok((None, probs.matmul(values)?)),
+        Some((k_p, v_p)) => {
+            let p = k_p.dim(1)?;
+            let n = probs.dim(2)?;
+            let head = probs.narrow(2, 0, p)?.contiguous()?.matmul(v_p)?;
+            let own = probs.narrow(2, p, n - p)?.contiguous()?.matmul(values)?;
+            Ok((Some(head), own))
+        }
     }
 }
