@@ -282,3 +282,40 @@ async fn rekey_moves_a_live_session_to_the_new_epoch_without_changing_its_output
     assert_eq!(done(&last).cached_tokens, first.len() + gen1.len() - 1, "the re-keyed cache was not reused");
     assert_eq!(gen2, solo(&f, &new, &second, 5));
 }
+
+async fn behind_a_shared_prefix(mode: kframe::engine::PrefixMode) -> (Vec<Vec<u32>>, u64, u64) {
+    let f = fixture();
+    let e = engine(&f, EngineConfig { prefix_mode: mode, ..EngineConfig::default() }, policies());
+    let prefix = prompt(99, 256);
+    let info = e.register_prefix(prefix.clone()).await.unwrap();
+    assert_eq!(info.tokens, 256);
+    assert_eq!(e.register_prefix(prefix.clone()).await.unwrap(), info, "the same tokens are the same prefix");
+    let mut outs = Vec::new();
+    for t in 0..50u64 {
+        let mut p = prefix.clone();
+        p.extend(prompt(t as u32, 6));
+        let (tokens, _, last) = submit(&e, tenant(t), Some("s"), p, 4).collect().await;
+        assert_eq!(done(&last).cached_tokens, 256, "tenant {t} prefilled the prefix");
+        outs.push(tokens);
+    }
+    (outs, e.metrics().cache_bytes, info.bytes)
+}
+
+#[tokio::test]
+async fn fifty_tenants_behind_a_shared_prefix_match_single_frame_runs_and_store_it_once() {
+    use kframe::engine::PrefixMode;
+    let (plain, plain_bytes, prefix_bytes) = behind_a_shared_prefix(PrefixMode::SharedPlain).await;
+    let (copied, copy_bytes, _) = behind_a_shared_prefix(PrefixMode::RotateCopy).await;
+    let f = fixture();
+    for t in [0u64, 17, 49] {
+        let mut p = prompt(99, 256);
+        p.extend(prompt(t as u32, 6));
+        assert_eq!(plain[t as usize], solo(&f, &tenant(t), &p, 4), "shared-plain, tenant {t}");
+    }
+    assert_eq!(plain, copied, "rotate-copy gives other tokens than shared-plain");
+    // Each session holds its 6 prompt tokens and 3 fed generated tokens; the
+    // prefix is counted once (shared-plain) or once per tenant as well (rotate-copy).
+    assert_eq!(prefix_bytes, session_bytes(256));
+    assert_eq!(plain_bytes, prefix_bytes + 50 * session_bytes(9));
+    assert_eq!(copy_bytes, prefix_bytes + 50 * session_bytes(265));
+}

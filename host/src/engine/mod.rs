@@ -108,9 +108,31 @@ impl EngineError {
     }
 }
 
+/// How a registered shared prefix reaches a tenant's cache (DESIGN.md section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrefixMode {
+    /// One plaintext copy, referenced by every tenant; its rows are never in any
+    /// tenant's frame, so they give no known pairs of any key.
+    #[default]
+    SharedPlain,
+    /// Each tenant gets its own copy rotated into its frame.
+    RotateCopy,
+}
+
+/// A registered shared prefix.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PrefixInfo {
+    /// blake3 of the model's shape and the token ids, hex.
+    pub id: String,
+    pub tokens: usize,
+    pub bytes: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub variant: Variant,
+    pub prefix_mode: PrefixMode,
     pub precision: KvPrecision,
     /// Bytes of K/V cache (allocated, over all tenants) the engine may hold.
     pub kv_budget: u64,
@@ -129,6 +151,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             variant: Variant::ProbeTime,
+            prefix_mode: PrefixMode::SharedPlain,
             precision: KvPrecision::Native,
             kv_budget: 1 << 30,
             max_batch: 64,
@@ -176,6 +199,7 @@ enum Command {
     Submit(Submit, mpsc::UnboundedSender<Event>),
     DropTenant(Tenant, oneshot::Sender<usize>),
     Rekey(Tenant, u64, oneshot::Sender<Result<usize, EngineError>>),
+    RegisterPrefix(Vec<u32>, oneshot::Sender<Result<PrefixInfo, EngineError>>),
     Shutdown,
 }
 
@@ -240,6 +264,15 @@ impl Engine {
     pub async fn rekey(&self, tenant: Tenant, new_epoch: u64) -> Result<usize, EngineError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::Rekey(tenant, new_epoch, tx)).map_err(|_| EngineError::ShutDown)?;
+        rx.await.map_err(|_| EngineError::ShutDown)?
+    }
+
+    /// Prefills `tokens` once in the model's own frame. Requests whose prompt
+    /// starts with them (and is longer) then skip that prefill, in the configured
+    /// [`PrefixMode`]. Registering the same tokens again returns the same prefix.
+    pub async fn register_prefix(&self, tokens: Vec<u32>) -> Result<PrefixInfo, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::RegisterPrefix(tokens, tx)).map_err(|_| EngineError::ShutDown)?;
         rx.await.map_err(|_| EngineError::ShutDown)?
     }
 

@@ -5,8 +5,8 @@
 
 use super::metrics::Metrics;
 use super::sessions::{Checkout, SessionKey, Sessions};
-use super::{Command, EngineConfig, EngineError, Event, Submit, Tenant, Usage};
-use crate::cache::{CacheShape, KvCache};
+use super::{Command, EngineConfig, EngineError, Event, PrefixInfo, PrefixMode, Submit, Tenant, Usage};
+use crate::cache::{CacheShape, KvCache, SharedPrefix};
 use crate::generate::{sampler, FinishReason, Generator, TextStream};
 use crate::keys::MasterSecret;
 use crate::model::BatchSeq;
@@ -66,6 +66,7 @@ pub(super) struct State {
     /// Of `used`, the bytes running sequences hold (what eviction cannot free).
     in_flight: u64,
     tenant_bytes: HashMap<u64, u64>,
+    prefixes: Vec<Arc<SharedPrefix>>,
     /// Logical time for policies: one tick per admission or finish.
     now: u64,
     shape: CacheShape,
@@ -108,6 +109,7 @@ impl State {
             used: 0,
             in_flight: 0,
             tenant_bytes: HashMap::new(),
+            prefixes: Vec::new(),
             now: 0,
             shape,
         }
@@ -153,6 +155,10 @@ impl State {
             }
             Command::DropTenant(tenant, reply) => {
                 let _ = reply.send(self.drop_tenant(&tenant));
+                true
+            }
+            Command::RegisterPrefix(tokens, reply) => {
+                let _ = reply.send(self.register_prefix(tokens));
                 true
             }
             Command::Rekey(tenant, epoch, reply) => {
@@ -217,9 +223,30 @@ impl State {
                 *bytes
             }
         };
+        // Where the context comes from: the session's cache, a registered prefix
+        // that covers more of the prompt, or nothing.
+        let (reuse, offset) = match &checkout {
+            Checkout::Cached { tokens, cache, .. } => {
+                let common = common_prefix(tokens, &p.req.prompt);
+                if common >= cache.offset() {
+                    (common, cache.offset())
+                } else {
+                    (0, 0)
+                }
+            }
+            _ => (0, 0),
+        };
+        let prefix = self.prefix_for(&p.req.prompt).filter(|pf| pf.tokens.len() > reuse);
+        let offset = match (&prefix, self.cfg.prefix_mode) {
+            (Some(pf), PrefixMode::SharedPlain) => pf.tokens.len(),
+            (Some(_), PrefixMode::RotateCopy) => 0,
+            (None, _) => offset,
+        };
         let total = (p.req.prompt.len() + p.req.params.max_tokens).min(self.shape.max_len);
-        let reserve = KvCache::bytes_for(self.shape, self.store_dtype(), total) as u64;
-        let needed = reserve.saturating_sub(held);
+        let reserve = KvCache::bytes_for(self.shape, self.store_dtype(), total - offset) as u64;
+        // A session cache that a prefix replaces is freed, not reused.
+        let held_usable = if prefix.is_some() { 0 } else { held };
+        let needed = reserve.saturating_sub(held_usable);
         self.now += 1;
         let request = Request {
             tenant: p.req.tenant.id,
@@ -260,8 +287,63 @@ impl State {
             }
             return Some(p);
         }
-        self.start(p, key, checkout, held, reserve.max(held));
+        self.start(p, key, checkout, prefix, held, reserve.max(held_usable));
         None
+    }
+
+    /// The longest registered prefix that the prompt starts with and goes beyond.
+    fn prefix_for(&self, prompt: &[u32]) -> Option<Arc<SharedPrefix>> {
+        self.prefixes
+            .iter()
+            .filter(|p| p.tokens.len() < prompt.len() && prompt.starts_with(&p.tokens))
+            .max_by_key(|p| p.tokens.len())
+            .cloned()
+    }
+
+    fn register_prefix(&mut self, tokens: Vec<u32>) -> Result<PrefixInfo, EngineError> {
+        let cfg = self.gen.model.config();
+        let mut h = blake3::Hasher::new_derive_key("kframe shared prefix v1");
+        for n in [cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim] {
+            h.update(&(n as u64).to_le_bytes());
+        }
+        for t in &tokens {
+            h.update(&t.to_le_bytes());
+        }
+        let id = *h.finalize().as_bytes();
+        let info = |p: &SharedPrefix| PrefixInfo {
+            id: blake3::Hash::from(p.id).to_hex().to_string(),
+            tokens: p.tokens.len(),
+            bytes: p.cache.allocated_bytes() as u64,
+        };
+        if let Some(p) = self.prefixes.iter().find(|p| p.id == id) {
+            return Ok(info(p));
+        }
+        self.validate(&Submit {
+            tenant: Tenant { id: 0, name: String::new(), epoch: 0, tier: 0 },
+            session: None,
+            prompt: tokens.clone(),
+            params: Default::default(),
+        })?;
+        let mut cache = self.gen.model.new_cache(self.cfg.precision);
+        let t0 = Instant::now();
+        self.gen
+            .model
+            .forward(&tokens, &mut cache, &Frame::Identity, self.cfg.variant)
+            .and_then(|_| Ok(cache.shrink_to_fit()?))
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+        Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
+        let bytes = cache.allocated_bytes() as u64;
+        if self.used + bytes > self.cfg.kv_budget && !self.make_room(bytes) {
+            return Err(EngineError::OverBudget { needed: bytes, budget: self.cfg.kv_budget });
+        }
+        // Shared prefixes are the operator's: charged to no tenant, never evicted.
+        self.used += bytes;
+        self.in_flight += bytes;
+        let prefix = Arc::new(SharedPrefix { id, tokens, cache });
+        let out = info(&prefix);
+        self.prefixes.push(prefix);
+        self.publish();
+        Ok(out)
     }
 
     /// Returns a checked-out session unchanged.
@@ -315,7 +397,15 @@ impl State {
         }
     }
 
-    fn start(&mut self, p: Pending, key: Option<SessionKey>, checkout: Checkout, held: u64, reserved: u64) {
+    fn start(
+        &mut self,
+        p: Pending,
+        key: Option<SessionKey>,
+        checkout: Checkout,
+        prefix: Option<Arc<SharedPrefix>>,
+        held: u64,
+        reserved: u64,
+    ) {
         let Pending { req, tx, .. } = p;
         let frame = match self.keyring.frame(&req.tenant.name, req.tenant.epoch) {
             Ok(f) => f,
@@ -325,22 +415,43 @@ impl State {
                 return;
             }
         };
-        let (entry, mut cache, cached_tokens) = match checkout {
-            Checkout::Cached { entry, tokens, cache, .. } => (Some(entry), cache, tokens),
-            _ => (None, self.gen.model.new_cache(self.cfg.precision), Vec::new()),
+        let (entry, cache, cached_tokens) = match checkout {
+            Checkout::Cached { entry, tokens, cache, .. } => (Some(entry), Some(cache), tokens),
+            _ => (None, None, Vec::new()),
+        };
+        let precision = self.cfg.precision;
+        let (cache, cached_tokens) = match (prefix, cache) {
+            (Some(pf), _) => {
+                let cache = match self.cfg.prefix_mode {
+                    PrefixMode::SharedPlain => Ok(KvCache::after_prefix(pf.clone(), precision)),
+                    PrefixMode::RotateCopy => KvCache::rotated_copy(&pf, &frame, precision),
+                };
+                (cache, pf.tokens.clone())
+            }
+            (None, Some(c)) if c.offset() <= common_prefix(&cached_tokens, &req.prompt) => (Ok(c), cached_tokens),
+            (None, _) => (Ok(self.gen.model.new_cache(precision)), Vec::new()),
         };
         // Reuse the longest common prefix; at least one prompt token runs, for logits.
-        let common =
-            cached_tokens.iter().zip(&req.prompt).take_while(|(a, b)| a == b).count().min(req.prompt.len() - 1);
+        let common = common_prefix(&cached_tokens, &req.prompt);
         let total = (req.prompt.len() + req.params.max_tokens).min(self.shape.max_len);
-        let prepared = cache.truncate(common).and_then(|_| cache.reserve(total));
-        if let Err(e) = prepared {
-            let _ = tx.send(Event::Failed(EngineError::Model(e.to_string())));
-            if let Some(entry) = entry {
-                self.evict(entry);
+        let prepared = cache.and_then(|mut c| {
+            c.truncate(common)?;
+            c.reserve(total)?;
+            Ok(c)
+        });
+        let cache = match prepared {
+            Ok(cache) => cache,
+            Err(e) => {
+                let _ = tx.send(Event::Failed(EngineError::Model(e.to_string())));
+                if let Some(entry) = entry {
+                    // The checked-out cache is gone with the error: drop its session.
+                    self.sessions.remove(entry);
+                    self.policies.on_remove(entry);
+                    self.charge(req.tenant.id, -(held as i64));
+                }
+                return;
             }
-            return;
-        }
+        };
         // The session's bytes move from the idle pool to this sequence.
         self.charge(req.tenant.id, reserved as i64 - held as i64);
         self.in_flight += reserved;
@@ -641,6 +752,12 @@ impl State {
             let _ = seq.tx.send(Event::Failed(EngineError::ShutDown));
         }
     }
+}
+
+/// Tokens `cached` shares with the start of `prompt`, leaving at least one prompt
+/// token to run (its logits start the generation).
+fn common_prefix(cached: &[u32], prompt: &[u32]) -> usize {
+    cached.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len().saturating_sub(1))
 }
 
 /// Whether `needed` bytes can never fit while `in_flight` bytes are held.
