@@ -102,6 +102,14 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 30)]
         rounds: usize,
     },
+    /// Shared prefill, batched decode, per-tenant memory and policy cost of the
+    /// serving engine, as ratios measured in one run.
+    Serve {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 1000)]
+        tenants: usize,
+    },
     /// Median cost of one eviction decision over 1000 entries and of one admission
     /// decision through Wasm policy components (the shipped lru and capacity).
     Plugins {
@@ -170,6 +178,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Rotation { json, layers, rounds }) => {
             let opts = RotationBenchOptions { layers, rounds, ..Default::default() };
             let report = bench::rotation(&opts, |msg| eprintln!("bench: {msg}"))?;
+            print_report(&report, json, report.to_text())
+        }
+        Command::Bench(BenchCommand::Serve { json, tenants }) => {
+            let opts = bench::ServeBenchOptions { tenants, ..Default::default() };
+            let report = bench::serve(&opts, |msg| eprintln!("bench: {msg}"))?;
             print_report(&report, json, report.to_text())
         }
         Command::Bench(BenchCommand::Plugins { json }) => {

@@ -174,12 +174,12 @@ impl RawConfig {
         let rope_theta = self.rope_theta.or_else(|| rope.and_then(|r| r.rope_theta)).unwrap_or(10_000.0);
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(format!(
                 "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv_heads}"
             ));
         }
-        if self.hidden_size % heads != 0 {
+        if !self.hidden_size.is_multiple_of(heads) {
             return Err(format!("hidden_size {} is not divisible by {heads} heads", self.hidden_size));
         }
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / heads);
@@ -188,7 +188,7 @@ impl RawConfig {
             // reference assumes they are equal too.
             return Err(format!("head_dim {head_dim} x {heads} heads != hidden_size {}", self.hidden_size));
         }
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {head_dim} must be even for RoPE"));
         }
         if self.vocab_size == 0 || self.num_hidden_layers == 0 {

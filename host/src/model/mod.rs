@@ -421,7 +421,7 @@ impl Attention {
             let pos = s.cache.len();
             s.cache.write(index, pos, &k_store, &v_store)?;
             let (keys, values) = s.cache.rotated(index, pos + 1 - s.cache.offset())?;
-            let (keys, values) = (keys.to_dtype(xs.dtype())?, values.to_dtype(xs.dtype())?);
+            let (keys, values) = (keys.to_dtype(xs.dtype())?.contiguous()?, values.to_dtype(xs.dtype())?.contiguous()?);
             let (keys, values) = match (layer_rot, variant) {
                 (Some(r), Variant::DecodeTime) => r.unrotate_kv(&keys.contiguous()?, &values.contiguous()?)?,
                 _ => (keys, values),

@@ -1,10 +1,15 @@
 //! `kframe bench rotation`: what a tenant's rotation costs a decode step.
+//! ([`serve`] holds `kframe bench serve`; `plugins` times the policy components.)
 //!
 //! The model has the layer shape of Qwen2.5-3B (random weights, fewer layers, a
 //! smaller vocabulary): rotation costs O(heads * d^2) per layer against
 //! O(hidden * intermediate) for the layer, so only the real shape gives the real
 //! ratio. Variants are timed in interleaved rounds and compared by their medians,
 //! so drift on a noisy machine hits every variant alike.
+
+pub mod serve;
+
+pub use serve::{serve, ServeBenchOptions, ServeReport};
 
 use crate::cache::{KvCache, KvPrecision};
 use crate::error::Result;
