@@ -47,7 +47,11 @@ pub struct Generation {
 #[derive(Default)]
 pub struct TextStream {
     tokens: Vec<u32>,
-    emitted: usize,
+    /// Decoding starts at `prefix` (one token of context, so decoders that strip a
+    /// leading space do so on it); text up to `read` has been emitted. Each step
+    /// decodes a few tokens, not the whole list.
+    prefix: usize,
+    read: usize,
 }
 
 impl TextStream {
@@ -58,22 +62,22 @@ impl TextStream {
     /// Adds a token; returns the new text, if any is complete.
     pub fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<Option<String>> {
         self.tokens.push(token);
-        let text = decode(tokenizer, &self.tokens)?;
-        if text.len() > self.emitted && text.is_char_boundary(self.emitted) && !text.ends_with('\u{FFFD}') {
-            let piece = text[self.emitted..].to_owned();
-            self.emitted = text.len();
-            return Ok(Some(piece));
-        }
-        Ok(None)
+        self.next_piece(tokenizer, true)
     }
 
     /// Whatever text is still held back (an incomplete character at the end).
     pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<Option<String>> {
-        let text = decode(tokenizer, &self.tokens)?;
-        if text.len() > self.emitted && text.is_char_boundary(self.emitted) {
-            let piece = text[self.emitted..].to_owned();
-            self.emitted = text.len();
-            return Ok(Some(piece));
+        self.next_piece(tokenizer, false)
+    }
+
+    fn next_piece(&mut self, tokenizer: &Tokenizer, whole_chars_only: bool) -> Result<Option<String>> {
+        let seen = decode(tokenizer, &self.tokens[self.prefix..self.read])?;
+        let text = decode(tokenizer, &self.tokens[self.prefix..])?;
+        let complete = !(whole_chars_only && text.ends_with('\u{FFFD}'));
+        if text.len() > seen.len() && text.is_char_boundary(seen.len()) && complete {
+            self.prefix = self.read;
+            self.read = self.tokens.len();
+            return Ok(Some(text[seen.len()..].to_owned()));
         }
         Ok(None)
     }

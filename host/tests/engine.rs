@@ -285,3 +285,36 @@ fn rekey_in_place_recovers_the_plaintext_under_the_new_key() {
         assert!(max_abs_diff(&v, &trace.v[layer]) <= 1e-5);
     }
 }
+
+fn all_zero(t: &Tensor) -> bool {
+    t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap() == 0.0
+}
+
+/// A cache zeroes what it releases: views of its buffers taken beforehand read
+/// zeros after a truncate (the cut rows), a shrink (the old buffers) and a drop
+/// (everything). Key-drop delete and eviction rely on this.
+#[test]
+fn truncated_shrunk_and_dropped_caches_leave_only_zeros_behind() {
+    let (_tmp, dir) = model_dir(&synth::tiny_config());
+    let model = dir.load_model(DType::F32, &Device::Cpu).unwrap();
+    let frame = keyring(&model, false).frame("alice", 0).unwrap();
+    let (mut cache, _, _) = traced_run(&model, &frame, KvPrecision::Native);
+    let layers = model.config().num_hidden_layers;
+    let len = cache.len();
+    let views: Vec<(Tensor, Tensor)> = (0..layers).map(|l| cache.rotated(l, len).unwrap()).collect();
+    cache.truncate(4).unwrap();
+    for (k, v) in &views {
+        assert!(!all_zero(&k.narrow(1, 0, 4).unwrap()), "kept rows were zeroed");
+        assert!(all_zero(&k.narrow(1, 4, len - 4).unwrap()) && all_zero(&v.narrow(1, 4, len - 4).unwrap()));
+    }
+    cache.shrink_to_fit().unwrap();
+    for (k, v) in &views {
+        assert!(all_zero(k) && all_zero(v), "the buffers a shrink released still hold data");
+    }
+    let views: Vec<(Tensor, Tensor)> = (0..layers).map(|l| cache.rotated(l, 4).unwrap()).collect();
+    assert!(!all_zero(&views[0].0));
+    drop(cache);
+    for (k, v) in &views {
+        assert!(all_zero(k) && all_zero(v), "a dropped cache left data behind");
+    }
+}

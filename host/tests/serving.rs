@@ -73,14 +73,16 @@ fn done(ev: &Event) -> Usage {
 }
 
 #[tokio::test]
-async fn sixteen_tenants_decoding_in_one_batch_each_get_their_solo_tokens() {
+async fn sixteen_tenants_decoding_in_one_batch_each_get_their_solo_tokens_and_text() {
     let f = fixture();
     let e = engine(&f, EngineConfig::default(), policies());
     let streams: Vec<_> = (0..16).map(|i| submit(&e, tenant(i), None, prompt(i as u32, 5 + i as u32), 10)).collect();
+    let decoder = Generator::load(&f.dir, DType::F32, &Device::Cpu).unwrap();
     let mut outs = Vec::new();
     for s in streams {
-        let (tokens, _, last) = s.collect().await;
+        let (tokens, text, last) = s.collect().await;
         assert!(matches!(last, Event::Done { finish: FinishReason::Length, .. }), "{last:?}");
+        assert_eq!(text, decoder.decode(&tokens).unwrap(), "streamed text differs from the tokens' text");
         outs.push(tokens);
     }
     let m = e.metrics();

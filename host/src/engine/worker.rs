@@ -276,7 +276,7 @@ impl State {
         };
         if wait {
             self.give_back(&key, p.req.tenant.id, checkout);
-            if self.active.is_empty() && (decision_is_budget(needed, self.cfg.kv_budget, self.in_flight)) {
+            if self.active.is_empty() && never_fits(needed, self.cfg.kv_budget, self.in_flight) {
                 // Nothing running will ever free enough.
                 self.reject(p, EngineError::OverBudget { needed, budget: self.cfg.kv_budget });
                 return None;
@@ -761,6 +761,6 @@ fn common_prefix(cached: &[u32], prompt: &[u32]) -> usize {
 }
 
 /// Whether `needed` bytes can never fit while `in_flight` bytes are held.
-fn decision_is_budget(needed: u64, budget: u64, in_flight: u64) -> bool {
+fn never_fits(needed: u64, budget: u64, in_flight: u64) -> bool {
     in_flight + needed > budget
 }
