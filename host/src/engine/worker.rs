@@ -370,17 +370,20 @@ impl State {
         }
         let victims = self.policies.victims(self.used + needed - budget, self.now).value;
         for id in victims {
-            self.evict(id);
+            self.remove_session(id, true);
         }
         self.used + needed <= budget
     }
 
-    fn evict(&mut self, entry: u64) {
+    /// Removes an idle session: evicted for room, or deleted with its tenant.
+    fn remove_session(&mut self, entry: u64, evicted: bool) {
         if let Some(s) = self.sessions.remove(entry) {
             if s.cache.is_some() {
                 self.charge(s.tenant, -(s.bytes as i64));
-                Metrics::add(&self.metrics.evictions, 1);
-                tracing::debug!(entry, tenant = s.tenant, bytes = s.bytes, "session evicted");
+                if evicted {
+                    Metrics::add(&self.metrics.evictions, 1);
+                    tracing::debug!(entry, tenant = s.tenant, bytes = s.bytes, "session evicted");
+                }
             }
             // Dropping `s` zeroes its cache.
         }
@@ -698,7 +701,7 @@ impl State {
         }
         let entries = self.sessions.entries_of(tenant.id);
         for &entry in &entries {
-            self.evict(entry);
+            self.remove_session(entry, false);
         }
         self.keyring.forget(&tenant.name, tenant.epoch);
         self.publish();
