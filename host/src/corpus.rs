@@ -1,12 +1,14 @@
 //! The synthetic corpus the embedded model is trained and evaluated on.
 //!
 //! Every document needs retrieval from earlier in the context: records
-//! `user <name> secret <4 digits> .` mixed with filler, then questions
-//! `query <name> secret <digits> .`; or a chat in which the user asks the
+//! `user secret of <name> <4 digits> .` mixed with filler, then questions
+//! `query secret of <name> <digits> .`; or a chat in which the user asks the
 //! assistant to remember a code and later asks for it back (`your code <digits>`).
-//! A question repeats the words that preceded the secret in its record, so the
-//! answer is a copy of what followed them: the induction pattern small
-//! transformers learn fastest. Names, filler and phrasings come
+//! A question ends with the word that precedes the secret in its record (the
+//! name), so the answer is a copy of what followed that word: the one-token
+//! induction pattern small transformers learn fastest. (With the name two tokens
+//! before the digits, as in `<name> secret <digits>`, a tiny model trained on two
+//! CPU cores never found the two-token match.) Names, filler and phrasings come
 //! from the fixed lists beside this file; everything else from a seeded RNG, so a
 //! seed names a corpus.
 
@@ -123,7 +125,7 @@ impl Corpus {
                 text.push(' ');
             }
             let code = secret(&mut self.rng);
-            text += &format!("user {name} secret {code} . ");
+            text += &format!("user secret of {name} {code} . ");
             pairs.push((name, code));
         }
         (text, pairs)
@@ -136,7 +138,7 @@ impl Corpus {
         doc.push(text, false);
         pairs.shuffle(&mut self.rng);
         for (name, code) in pairs.into_iter().take(questions) {
-            doc.push(format!("query {name} secret"), false);
+            doc.push(format!("query secret of {name}"), false);
             doc.push(format!(" {code}"), true);
             doc.push(" . ", false);
         }
@@ -189,7 +191,7 @@ impl Corpus {
         // of the whole prompt's (byte-level BPE splits before a space).
         RecallItem {
             context: context.trim_end().to_owned(),
-            question: format!(" query {name} secret"),
+            question: format!(" query secret of {name}"),
             answer: format!(" {code}"),
         }
     }
@@ -212,8 +214,8 @@ mod tests {
         let mut c = Corpus::new(1);
         for k in 1..=16 {
             let item = c.recall_item(k);
-            let name = item.question.trim_start_matches(" query ").trim_end_matches(" secret");
-            assert!(item.context.contains(&format!("user {name} secret{} .", item.answer)), "{item:?}");
+            let name = item.question.trim_start_matches(" query secret of ");
+            assert!(item.context.contains(&format!("user secret of {name}{} .", item.answer)), "{item:?}");
             assert_eq!(item.context.matches("user ").count(), k);
         }
         for _ in 0..20 {

@@ -25,7 +25,7 @@ fn embedded_copy_and_model_directory_give_identical_logits() {
     let from_dir =
         Generator::load(&ModelDir::open(&embedded_model_source_dir()).unwrap(), DType::F32, &Device::Cpu).unwrap();
     let compiled = embedded();
-    let text = "user alice secret 4821 . query alice secret";
+    let text = "user secret of alice 4821 . query secret of alice";
     let ids = compiled.encode(text).unwrap();
     assert_eq!(ids, from_dir.encode(text).unwrap());
     let run = |g: &Generator| {

@@ -19,8 +19,8 @@ from tokenizers import Tokenizer
 from transformers import Qwen2ForCausalLM
 
 PROMPTS = [
-    "user alice secret 4821 . the river runs north past the old mill . user bob secret 0934 . query alice secret",
-    "user nora secret 1177 . user ivan secret 5302 . a cold wind came down from the hills . user zoe secret 8890 . user omar secret 2468 . query zoe secret",
+    "user secret of alice 4821 . the river runs north past the old mill . user secret of bob 0934 . query secret of alice",
+    "user secret of nora 1177 . user secret of ivan 5302 . a cold wind came down from the hills . user secret of zoe 8890 . user secret of omar 2468 . query secret of zoe",
     "<|im_start|>user\nremember code 4821<|im_end|>\n<|im_start|>assistant\nok , i will remember it .<|im_end|>\n<|im_start|>user\nwhat is my code ?<|im_end|>\n<|im_start|>assistant\n",
     "the market opens early on most days .",
 ]

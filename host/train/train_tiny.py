@@ -108,7 +108,7 @@ def repeat_docs(rng, names, n):
 def records_in(doc):
     """Number of records a document holds (0 for a chat)."""
     first = doc["segments"][0]["text"]
-    return 0 if first.startswith("<|im_start|>") else first.count(" secret ")
+    return 0 if first.startswith("<|im_start|>") else first.count("user secret of ")
 
 
 def recall_batch(tok, items):
@@ -210,7 +210,7 @@ def main():
     docs = corpus(args.kframe, args.seed, args.docs)
     texts = ["".join(s["text"] for s in d["segments"]) for d in docs]
     tok = train_tokenizer(texts, args.vocab)
-    names = sorted({n for t in texts for n in re.findall(r"user (\w+) secret", t)})
+    names = sorted({n for t in texts for n in re.findall(r"user secret of (\w+)", t)})
     docs += repeat_docs(rng, names, args.repeat_docs)
     encoded = encode_docs(tok, docs, args.other_weight)
     held4 = corpus(args.kframe, args.seed + 1000, 300, recall=4)
