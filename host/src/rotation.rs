@@ -145,10 +145,19 @@ impl BatchRotation {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let eye = Tensor::eye(d, dtype, device)?.unsqueeze(0)?.repeat((kv_heads, 1, 1))?;
+        // The identity stands in for frames without a rotation; built only when needed.
+        let eye = match frames.iter().any(|f| f.layer(layer).is_none()) {
+            true => Some(Tensor::eye(d, dtype, device)?.unsqueeze(0)?.repeat((kv_heads, 1, 1))?),
+            false => None,
+        };
         let pick = |f: fn(&Mats) -> &Tensor| -> Result<Tensor> {
-            let parts: Vec<&Tensor> =
-                frames.iter().map(|frame| frame.layer(layer).map_or(&eye, |l| f(&l.compute))).collect();
+            let parts: Vec<&Tensor> = frames
+                .iter()
+                .map(|frame| match frame.layer(layer) {
+                    Some(l) => f(&l.compute),
+                    None => eye.as_ref().expect("built above for identity frames"),
+                })
+                .collect();
             Tensor::cat(&parts, 0)
         };
         Ok(Self { r_t: pick(|m| &m.r_t)?, s: pick(|m| &m.s)?, s_t: pick(|m| &m.s_t)? })

@@ -177,18 +177,18 @@ impl State {
         let _ = p.tx.send(Event::Failed(err));
     }
 
-    fn validate(&self, req: &Submit) -> Result<(), EngineError> {
+    fn validate(&self, prompt: &[u32]) -> Result<(), EngineError> {
         let cfg = self.gen.model.config();
-        if req.prompt.is_empty() {
+        if prompt.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
         }
-        if let Some(id) = req.prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        if let Some(id) = prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
             return Err(EngineError::Invalid(format!("token id {id} is outside the vocabulary ({})", cfg.vocab_size)));
         }
-        if req.prompt.len() >= cfg.max_position_embeddings {
+        if prompt.len() >= cfg.max_position_embeddings {
             return Err(EngineError::Invalid(format!(
                 "a prompt of {} tokens leaves no room in the context window of {}",
-                req.prompt.len(),
+                prompt.len(),
                 cfg.max_position_embeddings
             )));
         }
@@ -197,7 +197,7 @@ impl State {
 
     /// Decides a request. Returns it back if it must wait.
     fn admit(&mut self, p: Pending, from_queue: bool) -> Option<Pending> {
-        if let Err(e) = self.validate(&p.req) {
+        if let Err(e) = self.validate(&p.req.prompt) {
             self.reject(p, e);
             return None;
         }
@@ -318,12 +318,7 @@ impl State {
         if let Some(p) = self.prefixes.iter().find(|p| p.id == id) {
             return Ok(info(p));
         }
-        self.validate(&Submit {
-            tenant: Tenant { id: 0, name: String::new(), epoch: 0, tier: 0 },
-            session: None,
-            prompt: tokens.clone(),
-            params: Default::default(),
-        })?;
+        self.validate(&tokens)?;
         let mut cache = self.gen.model.new_cache(self.cfg.precision);
         let t0 = Instant::now();
         self.gen
