@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Builds kframe (release) and its policy plugins, then runs kframe with the given
-# arguments. With no arguments it runs the demo: one prompt in a tenant's private
-# frame and in the identity frame, which print the same tokens, on a random-weight
-# Qwen2 (the trained embedded model is not committed yet).
+# arguments. With no arguments it checks the shipped plugins and serves the HTTP
+# API (`kframe serve`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -12,12 +11,13 @@ bin=./target/release/kframe
 if [ $# -gt 0 ]; then
     exec "$bin" "$@"
 fi
+# The demo: serve the OpenAI-compatible API on 127.0.0.1:8080 (KFRAME_ADDR to
+# change it). Until the trained embedded model is committed it serves a
+# random-weight Qwen2 written to target/demo-model (its text is noise).
 model=target/demo-model
 [ -f "$model/model.safetensors" ] || "$bin" synth-model --out "$model"
 export KFRAME_DATA_DIR=${KFRAME_DATA_DIR:-target/demo-data}
-echo "== tenant alice (private frame, probe-time rotation)"
-"$bin" generate --model "$model" --tenant alice --prompt "Hello from alice" --max-tokens 16
-echo "== identity frame (no rotation)"
-"$bin" generate --model "$model" --prompt "Hello from alice" --max-tokens 16
-echo "== the shipped policy plugins"
 "$bin" plugin check target/wasm32-wasip2/plugin/*.wasm
+addr=${KFRAME_ADDR:-127.0.0.1:8080}
+echo "try: examples/http/curl.sh   (admin token in $KFRAME_DATA_DIR/admin.token)"
+exec "$bin" serve --model "$model" --addr "$addr"

@@ -4,16 +4,19 @@ use crate::bench::{self, RotationBenchOptions};
 use crate::cache::KvPrecision;
 use crate::corpus::Corpus;
 use crate::device::{self, DeviceArg, DtypeArg};
+use crate::engine::{EngineConfig, PrefixMode};
 use crate::eval::{self, recall::RecallOptions};
 use crate::generate::{Generator, SamplingParams};
 use crate::keys::{self, MasterSecret};
 use crate::model::load::ModelDir;
 use crate::model::{synth, Variant};
-use crate::plugin::{Limits, PluginRuntime};
+use crate::plugin::{Limits, PluginRuntime, PolicyKind, PolicySet};
 use crate::rotation::{Frame, Keyring};
+use crate::server::{self, App};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "kframe", version, about = "One shared Qwen2 model, a private attention frame per tenant")]
@@ -24,6 +27,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Serve the OpenAI-compatible HTTP API (tenants, sessions, admin) on the engine.
+    Serve(ServeArgs),
     /// Generate a completion for one prompt, streaming tokens to stdout.
     Generate(GenerateArgs),
     /// Measure costs; ratios are taken within one run.
@@ -88,6 +93,43 @@ pub struct GenerateArgs {
     /// Where the master secret lives [default: $KFRAME_DATA_DIR or ~/.local/share/kframe].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+    /// Master secret, admin token and tenant database [default: $KFRAME_DATA_DIR or ~/.local/share/kframe].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Bytes of K/V cache the engine may hold over all tenants.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub kv_budget: u64,
+    /// A policy component to start with, as KIND=FILE.wasm (kind: admission,
+    /// eviction, depth-gate); repeatable. Components put over the admin API
+    /// replace these and are remembered across restarts.
+    #[arg(long = "policy", value_parser = parse_policy)]
+    pub policies: Vec<(PolicyKind, PathBuf)>,
+    #[arg(long, value_enum, default_value_t)]
+    pub variant: Variant,
+    #[arg(long, value_enum, default_value_t)]
+    pub prefix_mode: PrefixMode,
+    #[arg(long, default_value_t = 64)]
+    pub max_batch: usize,
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+}
+
+fn parse_policy(s: &str) -> Result<(PolicyKind, PathBuf), String> {
+    let (kind, file) = s.split_once('=').ok_or("expected KIND=FILE.wasm")?;
+    let kind = PolicyKind::from_str(kind, true).map_err(|_| format!("unknown policy kind `{kind}`"))?;
+    Ok((kind, PathBuf::from(file)))
 }
 
 #[derive(Subcommand)]
@@ -174,6 +216,7 @@ pub struct SynthArgs {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
         Command::Bench(BenchCommand::Rotation { json, layers, rounds }) => {
             let opts = RotationBenchOptions { layers, rounds, ..Default::default() };
@@ -268,6 +311,72 @@ fn load(args: &ModelArgs) -> anyhow::Result<(ModelDir, Generator)> {
     let dir = ModelDir::open_or_embedded(args.model.as_deref())?;
     let generator = Generator::load(&dir, dtype, &device)?;
     Ok((dir, generator))
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (dir, generator) = load(&args.model)?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(keys::default_data_dir);
+    let master = MasterSecret::load_or_create(&data_dir)?;
+    let runtime = PluginRuntime::new(Limits::default(), None)?;
+    let policies = Arc::new(PolicySet::new(runtime));
+    for (kind, file) in &args.policies {
+        let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        policies
+            .swap(*kind, &file.display().to_string(), &bytes, "")
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    }
+    let engine = EngineConfig {
+        variant: args.variant,
+        prefix_mode: args.prefix_mode,
+        kv_budget: args.kv_budget,
+        max_batch: args.max_batch,
+        ..EngineConfig::default()
+    };
+    let limits = server::Limits {
+        max_body_bytes: args.max_body_bytes,
+        max_tokens: args.max_tokens,
+        max_connections: args.max_connections,
+        ..server::Limits::default()
+    };
+    let model_id = dir.model_id();
+    let template = dir.chat_template.clone();
+    let app = App::new(generator, master, &data_dir, policies, engine, limits, model_id, template.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let app = Arc::new(app);
+        app.restore().await?;
+        let listener = tokio::net::TcpListener::bind(args.addr).await?;
+        let addr = listener.local_addr()?;
+        println!("kframe listening on http://{addr} (model {}, {} tenants)", app.model_id, app.registry.len());
+        println!("admin token: {}", data_dir.join(server::ADMIN_TOKEN_FILE).display());
+        std::io::stdout().flush()?;
+        server::serve(app, listener, shutdown_signal()).await;
+        anyhow::Ok(())
+    })
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    eprintln!("kframe: shutting down; finishing in-flight requests");
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {

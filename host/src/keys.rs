@@ -28,6 +28,11 @@ impl MasterSecret {
         Self(bytes)
     }
 
+    /// A 32-byte key for one purpose (`context`), derived from the master secret.
+    pub fn derive(&self, context: &str) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(blake3::derive_key(context, self.0.as_ref()))
+    }
+
     /// Reads `DIR/master.key`, creating it (mode 0600) with fresh random bytes on
     /// first start. A file that others can read is refused rather than used.
     pub fn load_or_create(data_dir: &Path) -> Result<Self> {
@@ -69,7 +74,7 @@ fn check_private(_: &Path) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);

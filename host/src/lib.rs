@@ -32,5 +32,6 @@ pub mod keys;
 pub mod model;
 pub mod plugin;
 pub mod rotation;
+pub mod server;
 
 pub use error::{Error, Result};

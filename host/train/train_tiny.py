@@ -105,6 +105,27 @@ def repeat_docs(rng, names, n):
     return docs
 
 
+def drill_docs(rng, names, n, most):
+    """Associative-recall drills: 2..`most` records, then every one of them asked
+    back in a shuffled order, each answer a target. A record document asks one
+    question; a drill asks k, and no answer sits at a fixed distance from its
+    record, so only matching the name finds it (copying by position, which the
+    warm-up runs also reward, cannot)."""
+    docs = []
+    for _ in range(n):
+        k = rng.randint(2, most)
+        chosen = rng.sample(names, k)
+        secrets = {name: f"{rng.randrange(10000):04d}" for name in chosen}
+        segments = [{"text": "".join(f"user secret of {name} {secrets[name]} . " for name in chosen).rstrip(), "target": False}]
+        rng.shuffle(chosen)
+        for name in chosen:
+            segments.append({"text": f" query secret of {name}", "target": False})
+            segments.append({"text": f" {secrets[name]}", "target": True})
+            segments.append({"text": " .", "target": False})
+        docs.append({"segments": segments, "drill": True})
+    return docs
+
+
 def records_in(doc):
     """Number of records a document holds (0 for a chat)."""
     first = doc["segments"][0]["text"]
@@ -192,6 +213,7 @@ def main():
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--repeat-docs", type=int, default=40000, help="induction warm-up documents (see repeat_docs)")
+    ap.add_argument("--drill-docs", type=int, default=40000, help="associative-recall drills (see drill_docs)")
     ap.add_argument("--other-weight", type=float, default=0.25, help="loss weight of tokens that are not answers")
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40000, help="length of the learning-rate schedule")
@@ -212,6 +234,8 @@ def main():
     tok = train_tokenizer(texts, args.vocab)
     names = sorted({n for t in texts for n in re.findall(r"user secret of (\w+)", t)})
     docs += repeat_docs(rng, names, args.repeat_docs)
+    drills = drill_docs(rng, names, args.drill_docs, 16)
+    docs += drills
     encoded = encode_docs(tok, docs, args.other_weight)
     held4 = corpus(args.kframe, args.seed + 1000, 300, recall=4)
     held16 = corpus(args.kframe, args.seed + 1001, 300, recall=16)
@@ -247,7 +271,8 @@ def main():
     short = [
         e
         for d, e in zip(docs, encoded)
-        if d["segments"][0]["text"].startswith("list ")
+        if (d["segments"][0]["text"].startswith("list ") and rng.random() < 0.3)
+        or (d.get("drill") and records_in(d) <= 2 * args.warmup_records)
         or 0 < records_in(d) <= args.warmup_records
         or (records_in(d) == 0 and rng.random() < 0.2)
     ]

@@ -20,6 +20,8 @@ pub struct ModelDir {
     tokenizer: Bytes,
     /// End-of-sequence ids from generation_config.json, else from config.json.
     pub eos_token_ids: Vec<u32>,
+    /// The Jinja chat template of tokenizer_config.json, when it has one.
+    pub chat_template: Option<String>,
 }
 
 /// Where the safetensors bytes come from.
@@ -52,6 +54,7 @@ mod embedded {
     pub const GENERATION: &[u8] = file!("generation_config.json");
     pub const TOKENIZER: &[u8] = file!("tokenizer.json");
     pub const WEIGHTS: &[u8] = file!("model.safetensors");
+    pub const TOKENIZER_CONFIG: &[u8] = file!("tokenizer_config.json");
 }
 
 /// The directory the embedded model was built from, for tests that compare the two.
@@ -62,6 +65,38 @@ pub fn embedded_model_source_dir() -> PathBuf {
 #[derive(serde::Deserialize)]
 struct GenerationConfig {
     eos_token_id: Option<TokenIds>,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenizerConfig {
+    chat_template: Option<ChatTemplateField>,
+}
+
+/// A template string, or (in some releases) a list of named templates.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum ChatTemplateField {
+    One(String),
+    Named(Vec<NamedTemplate>),
+}
+
+#[derive(serde::Deserialize)]
+struct NamedTemplate {
+    name: String,
+    template: String,
+}
+
+impl TokenizerConfig {
+    fn template(self) -> Option<String> {
+        match self.chat_template? {
+            ChatTemplateField::One(t) => Some(t),
+            ChatTemplateField::Named(list) => {
+                let mut list = list.into_iter();
+                let first = list.next()?;
+                Some(list.find(|t| t.name == "default").unwrap_or(first).template)
+            }
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -125,7 +160,17 @@ impl ModelDir {
             None
         };
         let eos_token_ids = from_generation.unwrap_or_else(|| config.eos_token_ids.clone());
-        Ok(Self { path: dir.to_owned(), config, weights, tokenizer: Bytes::File(tokenizer), eos_token_ids })
+        let tokenizer_config = dir.join("tokenizer_config.json");
+        let chat_template =
+            if tokenizer_config.is_file() { read_json::<TokenizerConfig>(&tokenizer_config)?.template() } else { None };
+        Ok(Self {
+            path: dir.to_owned(),
+            config,
+            weights,
+            tokenizer: Bytes::File(tokenizer),
+            eos_token_ids,
+            chat_template,
+        })
     }
 
     /// The model compiled into kframe, read by the same parsers as a directory.
@@ -140,7 +185,11 @@ impl ModelDir {
             .map_err(|e| Error::Malformed { path: path.join("generation_config.json"), reason: e.to_string() })?;
         let eos_token_ids =
             generation.eos_token_id.map(TokenIds::into_vec).unwrap_or_else(|| config.eos_token_ids.clone());
+        let tokenizer_config: TokenizerConfig =
+            serde_json::from_str(text(embedded::TOKENIZER_CONFIG, "tokenizer_config.json")?)
+                .map_err(|e| Error::Malformed { path: path.join("tokenizer_config.json"), reason: e.to_string() })?;
         Ok(Self {
+            chat_template: tokenizer_config.template(),
             path,
             config,
             weights: Weights::Static(embedded::WEIGHTS),
@@ -162,6 +211,16 @@ impl ModelDir {
             Some(dir) => Self::open(dir),
             None => Self::embedded(),
         }
+    }
+
+    /// The name `/v1/models` gives: `kframe-tiny` for the embedded model, else the
+    /// directory's name.
+    pub fn model_id(&self) -> String {
+        if matches!(self.weights, Weights::Static(_)) {
+            return "kframe-tiny".into();
+        }
+        let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned());
+        name.filter(|n| !n.is_empty()).unwrap_or_else(|| "model".into())
     }
 
     pub fn load_tokenizer(&self) -> Result<Tokenizer> {

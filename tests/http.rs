@@ -1,0 +1,604 @@
+//! `kframe serve` end to end: a real server process on 127.0.0.1, spoken to over
+//! plain TCP with HTTP/1.1 (so that malformed requests can be sent too).
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+fn kframe(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kframe")).args(args).output().expect("the kframe binary runs")
+}
+
+fn synth_model(dir: &Path) {
+    let out = kframe(&["synth-model", "--out", dir.to_str().unwrap(), "--seed", "5"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+    admin: String,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Server {
+    fn start(model: &Path, data: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kframe"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+            .args(["--addr", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("kframe serve starts");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned();
+        let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_owned();
+        Self { child, addr, admin, _stdout: stdout }
+    }
+
+    fn request(&self, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
+        if let Some(t) = token {
+            head += &format!("Authorization: Bearer {t}\r\n");
+        }
+        for (k, v) in headers {
+            head += &format!("{k}: {v}\r\n");
+        }
+        head += &format!("Content-Length: {}\r\n\r\n", body.len());
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        read_response(&mut s)
+    }
+
+    fn post(&self, path: &str, token: &str, body: &Value) -> Resp {
+        self.request("POST", path, Some(token), &[("Content-Type", "application/json")], body.to_string().as_bytes())
+    }
+
+    /// Creates a tenant; returns its api key.
+    fn tenant(&self, name: &str) -> String {
+        let r = self.post("/admin/tenants", &self.admin, &json!({"name": name}));
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["api_key"].as_str().unwrap().to_owned()
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The `data:` payloads of a server-sent event stream.
+    fn events(&self) -> Vec<String> {
+        self.text().split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
+    }
+}
+
+fn read_response(s: &mut TcpStream) -> Resp {
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
+        body = dechunk(&body);
+    }
+    Resp { status, headers, body }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
+        data = &data[line_end + 2 + size + 2..];
+    }
+}
+
+fn generate(model: &Path, data: &Path, tenant: &str, epoch: u64, prompt: &str, max_tokens: usize) -> String {
+    let out = kframe(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--tenant",
+        tenant,
+        "--epoch",
+        &epoch.to_string(),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        &max_tokens.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.strip_suffix('\n').unwrap().to_owned()
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    model: PathBuf,
+    data: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    synth_model(&model);
+    Fixture { _tmp: tmp, model, data }
+}
+
+fn streamed_text(r: &Resp, field: &str) -> String {
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{}", r.text());
+    let mut text = String::new();
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let choice = &v["choices"][0];
+        let piece = if field == "text" { &choice["text"] } else { &choice["delta"]["content"] };
+        text += piece.as_str().unwrap_or("");
+    }
+    text
+}
+
+#[test]
+fn completions_and_chat_streamed_or_not_match_kframe_generate_for_the_same_tenant() {
+    let f = fixture();
+    let server = Server::start(&f.model, &f.data, &[]);
+    let key = server.tenant("alice");
+    let prompt = "The quick brown fox";
+    let expected = generate(&f.model, &f.data, "alice", 0, prompt, 12);
+
+    let body = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0});
+    let r = server.post("/v1/completions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["choices"][0]["text"], expected);
+    assert_eq!(v["object"], "text_completion");
+    let usage = &v["usage"];
+    assert_eq!(
+        usage["total_tokens"],
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let r = server.post("/v1/completions", &key, &body);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    assert_eq!(streamed_text(&r, "text"), expected);
+
+    // Chat renders the template (ChatML for a model without one) and completes it.
+    let chat_prompt = "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n";
+    let expected = generate(&f.model, &f.data, "alice", 0, chat_prompt, 10);
+    let body = json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 10, "temperature": 0});
+    let r = server.post("/v1/chat/completions", &key, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["message"]["content"], expected);
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let r = server.post("/v1/chat/completions", &key, &body);
+    assert_eq!(streamed_text(&r, "content"), expected);
+
+    // Another tenant's frame gives other text for the same prompt (a random model
+    // amplifies any difference in attention).
+    let bob = server.tenant("bob");
+    let r = server.post("/v1/completions", &bob, &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}));
+    assert_eq!(r.json()["choices"][0]["text"], generate(&f.model, &f.data, "bob", 0, prompt, 12));
+
+    let models = server.request("GET", "/v1/models", Some(&key), &[], b"").json();
+    assert_eq!(models["data"][0]["id"], "model");
+}
+
+#[test]
+fn a_stop_sequence_ends_the_text_before_it_in_both_modes() {
+    let f = fixture();
+    let server = Server::start(&f.model, &f.data, &[]);
+    let key = server.tenant("alice");
+    let full = generate(&f.model, &f.data, "alice", 0, "Once upon a time", 16);
+    // Stop at a piece of the text the model will produce.
+    let stop: String = full.chars().skip(full.chars().count() / 2).take(2).collect();
+    let cut = &full[..full.find(&stop).unwrap()];
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "stop": stop});
+    let v = server.post("/v1/completions", &key, &body).json();
+    assert_eq!(v["choices"][0]["text"], cut);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    assert_eq!(streamed_text(&server.post("/v1/completions", &key, &body), "text"), cut);
+}
+
+#[test]
+fn sessions_continue_on_the_cache_and_another_tenants_session_is_a_404() {
+    let f = fixture();
+    let server = Server::start(&f.model, &f.data, &[]);
+    let (alice, bob) = (server.tenant("alice"), server.tenant("bob"));
+    let session = server.post("/v1/sessions", &alice, &json!({})).json()["id"].as_str().unwrap().to_owned();
+    let first = "user: remember the code 4821 please.";
+    let body = json!({"prompt": first, "max_tokens": 4, "temperature": 0, "session": session});
+    let r = server.post("/v1/completions", &alice, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reply = r.json()["choices"][0]["text"].as_str().unwrap().to_owned();
+
+    // The next turn extends the conversation; its prompt prefix comes from the cache.
+    let second = format!("{first}{reply} user: what was it?");
+    let r = server.request(
+        "POST",
+        "/v1/completions",
+        Some(&alice),
+        &[("X-Kframe-Session", &session)],
+        json!({"prompt": second, "max_tokens": 6, "temperature": 0}).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["choices"][0]["text"], generate(&f.model, &f.data, "alice", 0, &second, 6));
+
+    // Bob cannot reach it, and cannot tell it from a session that never existed.
+    let mut body = json!({"prompt": "hi", "max_tokens": 2, "session": session});
+    let stolen = server.post("/v1/completions", &bob, &body);
+    body["session"] = json!("sess-0000");
+    let unknown = server.post("/v1/completions", &bob, &body);
+    assert_eq!((stolen.status, unknown.status), (404, 404));
+    assert_eq!(stolen.json()["error"]["code"], unknown.json()["error"]["code"]);
+    assert_eq!(server.request("DELETE", &format!("/v1/sessions/{session}"), Some(&bob), &[], b"").status, 404);
+    assert_eq!(server.request("DELETE", &format!("/v1/sessions/{session}"), Some(&alice), &[], b"").status, 200);
+}
+
+#[test]
+fn bad_requests_get_openai_style_errors_with_the_right_status() {
+    let f = fixture();
+    let server = Server::start(&f.model, &f.data, &["--max-body-bytes", "4096"]);
+    let key = server.tenant("alice");
+    let json_ct = [("Content-Type", "application/json")];
+    let cases: Vec<(Resp, u16)> = vec![
+        (server.request("POST", "/v1/completions", None, &json_ct, b"{\"prompt\":\"hi\"}"), 401),
+        (server.request("POST", "/v1/completions", Some("kf-wrong"), &json_ct, b"{\"prompt\":\"hi\"}"), 401),
+        (server.request("POST", "/v1/completions", Some(&key), &json_ct, b"{\"prompt\":"), 400),
+        (server.request("POST", "/v1/completions", Some(&key), &json_ct, b"{\"max_tokens\":3}"), 400),
+        (server.post("/v1/completions", &key, &json!({"prompt": "hi", "max_tokens": 0})), 400),
+        (server.post("/v1/completions", &key, &json!({"prompt": "hi", "temperature": 9})), 400),
+        (server.post("/v1/completions", &key, &json!({"prompt": [999_999_999u32]})), 400),
+        (server.post("/v1/completions", &key, &json!({"prompt": "hi", "model": "gpt-4"})), 404),
+        (server.post("/v1/chat/completions", &key, &json!({"messages": []})), 400),
+        (server.request("POST", "/v1/completions", Some(&key), &json_ct, &vec![b' '; 10_000]), 413),
+        (server.post("/admin/tenants", &key, &json!({"name": "mallory"})), 401),
+        (server.post("/admin/tenants", &server.admin, &json!({"name": "no spaces"})), 400),
+        (server.post("/admin/tenants", &server.admin, &json!({"name": "alice"})), 409),
+        (server.request("GET", "/v1/completions", Some(&key), &[], b""), 405),
+        (server.request("GET", "/nowhere", None, &[], b""), 404),
+    ];
+    for (i, (r, status)) in cases.iter().enumerate() {
+        assert_eq!(r.status, *status, "case {i}: {}", r.text());
+        let err = &r.json()["error"];
+        assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "case {i}: {}", r.text());
+        assert!(err["type"].is_string(), "case {i}");
+    }
+    // The server is unharmed.
+    assert_eq!(server.post("/v1/completions", &key, &json!({"prompt": "hi", "max_tokens": 2})).status, 200);
+    let metrics = server.request("GET", "/metrics", None, &[], b"").text();
+    assert!(metrics.contains("kframe_http_responses_total{status=\"413\"} 1"), "{metrics}");
+    assert!(metrics.contains("kframe_engine_tokens_generated_total"), "{metrics}");
+}
+
+#[test]
+fn key_drop_delete_revokes_the_api_key_and_removes_the_sessions() {
+    let f = fixture();
+    let server = Server::start(&f.model, &f.data, &[]);
+    let (alice, bob) = (server.tenant("alice"), server.tenant("bob"));
+    let session = server.post("/v1/sessions", &alice, &json!({})).json()["id"].as_str().unwrap().to_owned();
+    let r =
+        server.post("/v1/completions", &alice, &json!({"prompt": "my secret", "max_tokens": 2, "session": session}));
+    assert_eq!(r.status, 200);
+    let r = server.request("DELETE", "/admin/tenants/alice", Some(&server.admin), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sessions_removed"], 1);
+    assert_eq!(server.post("/v1/completions", &alice, &json!({"prompt": "hi", "max_tokens": 2})).status, 401);
+    assert_eq!(server.post("/v1/completions", &bob, &json!({"prompt": "hi", "max_tokens": 2})).status, 200);
+    let names: Vec<Value> = server.request("GET", "/admin/tenants", Some(&server.admin), &[], b"").json()["tenants"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(names.len(), 1);
+    assert_eq!(names[0]["name"], "bob");
+}
+
+#[test]
+fn after_kill_9_under_load_every_tenant_authenticates_with_the_same_epoch() {
+    let f = fixture();
+    let mut keys = Vec::new();
+    {
+        let server = Server::start(&f.model, &f.data, &[]);
+        for i in 0..20 {
+            keys.push((format!("t{i}"), server.tenant(&format!("t{i}"))));
+        }
+        for (name, _) in &keys[..5] {
+            let r = server.request("POST", &format!("/admin/tenants/{name}/rekey"), Some(&server.admin), &[], b"");
+            assert_eq!(r.json()["epoch"], 1, "{}", r.text());
+        }
+        // Load in flight, then SIGKILL.
+        let addr = server.addr.clone();
+        let load: Vec<_> = keys
+            .iter()
+            .map(|(_, key)| {
+                let (addr, key) = (addr.clone(), key.clone());
+                std::thread::spawn(move || {
+                    let body = json!({"prompt": "load", "max_tokens": 64}).to_string();
+                    let req = format!(
+                        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if let Ok(mut s) = TcpStream::connect(addr) {
+                        let _ = s.write_all(req.as_bytes());
+                        let _ = s.read_to_end(&mut Vec::new());
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(server); // SIGKILL
+        for t in load {
+            t.join().unwrap();
+        }
+    }
+    let server = Server::start(&f.model, &f.data, &[]);
+    let listed = server.request("GET", "/admin/tenants", Some(&server.admin), &[], b"").json();
+    for (i, (name, key)) in keys.iter().enumerate() {
+        let r = server.post("/v1/completions", key, &json!({"prompt": "still me", "max_tokens": 3, "temperature": 0}));
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        let epoch = listed["tenants"].as_array().unwrap().iter().find(|t| t["name"] == *name).unwrap()["epoch"].clone();
+        assert_eq!(epoch, if i < 5 { 1 } else { 0 }, "{name}");
+        // Same epoch, same frame: the same text as generate in that epoch.
+        let e = epoch.as_u64().unwrap();
+        assert_eq!(r.json()["choices"][0]["text"], generate(&f.model, &f.data, name, e, "still me", 3));
+    }
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish_then_the_server_exits() {
+    let f = fixture();
+    let mut server = Server::start(&f.model, &f.data, &[]);
+    let key = server.tenant("alice");
+    let addr = server.addr.clone();
+    let inflight = std::thread::spawn(move || {
+        let body = json!({"prompt": "a long answer", "max_tokens": 200, "stream": true}).to_string();
+        let req = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        read_response(&mut s)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let term = Command::new("kill").args(["-TERM", &server.pid()]).status().unwrap();
+    assert!(term.success());
+    let r = inflight.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"), "{}", r.text());
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // A new connection finds nobody listening.
+    assert!(TcpStream::connect(&server.addr).is_err());
+}
+
+fn shipped_plugin(name: &str) -> Vec<u8> {
+    let path = kframe::plugin::shipped(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-plugins.sh)", path.display()))
+}
+
+#[test]
+fn a_policy_put_over_the_admin_api_is_swapped_in_and_a_broken_one_is_refused() {
+    let f = fixture();
+    let server = Server::start(&f.model, &f.data, &[]);
+    let lfu = shipped_plugin("lfu");
+    let r = server.request("PUT", "/admin/policies/eviction?name=lfu", Some(&server.admin), &[], &lfu);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let broken = server.request("PUT", "/admin/policies/eviction?name=junk", Some(&server.admin), &[], b"\0asm junk");
+    assert_eq!(broken.status, 400, "{}", broken.text());
+    assert_eq!(broken.json()["error"]["code"], "invalid_component");
+    let wrong_world = server.request("PUT", "/admin/policies/admission", Some(&server.admin), &[], &lfu);
+    assert_eq!(wrong_world.status, 400, "{}", wrong_world.text());
+    let listed = server.request("GET", "/admin/policies", Some(&server.admin), &[], b"").json();
+    let eviction = listed["policies"].as_array().unwrap().iter().find(|p| p["kind"] == "eviction").unwrap().clone();
+    assert_eq!(eviction["component"], "lfu");
+    // The choice survives a restart.
+    drop(server);
+    let server = Server::start(&f.model, &f.data, &[]);
+    let listed = server.request("GET", "/admin/policies", Some(&server.admin), &[], b"").json();
+    let eviction = listed["policies"].as_array().unwrap().iter().find(|p| p["kind"] == "eviction").unwrap().clone();
+    assert_eq!(eviction["component"], "lfu");
+}
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn path() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("/v1/completions".to_owned()),
+            Just("/v1/chat/completions".to_owned()),
+            Just("/v1/models".to_owned()),
+            Just("/v1/sessions".to_owned()),
+            Just("/admin/tenants".to_owned()),
+            Just("/admin/tenants/alice/rekey".to_owned()),
+            Just("/admin/policies/eviction".to_owned()),
+            Just("/health".to_owned()),
+            "/[a-z0-9/%._-]{0,40}",
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+            "\\PC{0,30}".prop_map(Value::from),
+            (0u32..2000).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                prop::collection::btree_map("[a-z_]{1,12}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Request bodies that look like API calls, with every field free to be the
+    /// wrong type or out of range (`max_tokens` kept small so that a case that
+    /// happens to be valid stays quick).
+    fn api_body() -> impl Strategy<Value = Vec<u8>> {
+        let field = prop_oneof![
+            Just("prompt"),
+            Just("messages"),
+            Just("max_tokens"),
+            Just("temperature"),
+            Just("top_p"),
+            Just("stop"),
+            Just("stream"),
+            Just("session"),
+            Just("model"),
+            Just("n"),
+            Just("seed"),
+            Just("name"),
+        ];
+        let messages = prop::collection::vec(("[a-z]{0,9}", "\\PC{0,40}"), 0..4)
+            .prop_map(|m| json!(m.into_iter().map(|(r, c)| json!({"role": r, "content": c})).collect::<Vec<_>>()));
+        (
+            prop::collection::vec((field, value()), 0..6),
+            prop::option::of("\\PC{0,60}"),
+            prop::option::of(messages),
+            1u32..4,
+        )
+            .prop_map(|(fields, prompt, messages, max_tokens)| {
+                let mut body = serde_json::Map::new();
+                if let Some(p) = prompt {
+                    body.insert("prompt".into(), json!(p));
+                }
+                if let Some(m) = messages {
+                    body.insert("messages".into(), m);
+                }
+                for (k, v) in fields {
+                    body.insert(k.into(), v);
+                }
+                if let Some(m) = body.get_mut("max_tokens") {
+                    *m = json!(max_tokens);
+                } else {
+                    body.insert("max_tokens".into(), json!(max_tokens));
+                }
+                serde_json::to_vec(&body).unwrap()
+            })
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            6 => api_body(),
+            1 => prop::collection::vec(any::<u8>(), 0..200),
+            1 => value().prop_map(|v| serde_json::to_vec(&v).unwrap()),
+        ]
+    }
+
+    fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
+        prop::collection::vec(
+            (
+                prop_oneof![
+                    Just("X-Kframe-Session".to_owned()),
+                    Just("Content-Type".to_owned()),
+                    Just("Accept".to_owned()),
+                    "X-[A-Za-z-]{1,12}",
+                ],
+                "[ -~]{0,40}",
+            ),
+            0..4,
+        )
+    }
+
+    #[test]
+    fn hostile_bodies_and_headers_get_no_5xx_no_panic_and_no_dropped_connection() {
+        let f = fixture();
+        let server = Server::start(&f.model, &f.data, &[]);
+        let key = server.tenant("alice");
+        let cases = std::env::var("KFRAME_HOSTILE_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+        let config = ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() };
+        let tokens = [Some(key.clone()), Some(server.admin.clone()), Some("kf-nope".to_owned()), None];
+        proptest!(config, |(method in prop_oneof![Just("GET"), Just("POST"), Just("PUT"), Just("DELETE")],
+                           path in path(), who in 0usize..4, headers in headers(), body in body())| {
+            // Keep the admin's hands off the tenant list, so that every case
+            // meets the same server.
+            let who = if path.starts_with("/admin") && method != "GET" && who == 1 { 2 } else { who };
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let r = server.request(method, &path, tokens[who].as_deref(), &headers, &body);
+            prop_assert!(r.status < 500 || r.status == 503, "{method} {path}: {} {}", r.status, r.text());
+        });
+        // Still serving, and alice is intact.
+        let r = server.post("/v1/completions", &key, &json!({"prompt": "hello", "max_tokens": 2}));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    #[test]
+    fn a_slow_client_does_not_block_others() {
+        let f = fixture();
+        let server = Server::start(&f.model, &f.data, &[]);
+        let key = server.tenant("alice");
+        // Ten connections that send half a request and stall.
+        let stalled: Vec<TcpStream> = (0..10)
+            .map(|_| {
+                let mut s = TcpStream::connect(&server.addr).unwrap();
+                s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro").unwrap();
+                s
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let r = server.post("/v1/completions", &key, &json!({"prompt": "hello", "max_tokens": 2}));
+        assert_eq!(r.status, 200);
+        assert!(started.elapsed() < Duration::from_secs(20), "served behind stalled clients");
+        drop(stalled);
+    }
+}
