@@ -5,4 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 ./scripts/build-plugins.sh
+# The HTTP tests drive the server with the official `openai` Python client too;
+# it lives in a virtual environment under target/ (kframe itself never needs Python).
+if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c "import openai" 2>/dev/null; then
+    if ! python3 -m venv target/pyenv 2>/dev/null && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv target/pyenv
+    fi
+    target/pyenv/bin/pip install --quiet --disable-pip-version-check openai
+fi
+export KFRAME_TEST_PYTHON="$PWD/target/pyenv/bin/python"
 cargo test --no-fail-fast

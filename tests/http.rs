@@ -291,6 +291,79 @@ fn sessions_continue_on_the_cache_and_another_tenants_session_is_a_404() {
 }
 
 #[test]
+fn a_hundred_tenants_in_parallel_continue_only_their_own_sessions() {
+    let f = fixture();
+    let server = std::sync::Arc::new(Server::start(&f.model, &f.data, &[]));
+    let tenants: Vec<(String, String, String)> = (0..100)
+        .map(|i| {
+            let key = server.tenant(&format!("t{i}"));
+            let session = server.post("/v1/sessions", &key, &json!({})).json()["id"].as_str().unwrap().to_owned();
+            (format!("t{i}"), key, session)
+        })
+        .collect();
+    let tenants = std::sync::Arc::new(tenants);
+    let workers: Vec<_> = (0..10)
+        .map(|w| {
+            let (server, tenants) = (server.clone(), tenants.clone());
+            std::thread::spawn(move || {
+                for i in (w..100).step_by(10) {
+                    let (name, key, session) = &tenants[i];
+                    let stored = format!("user secret of {name} {:04} .", 1000 + i * 37);
+                    let body = json!({"prompt": stored, "max_tokens": 2, "temperature": 0, "session": session});
+                    assert_eq!(server.post("/v1/completions", key, &body).status, 200);
+                    let ask = format!("{stored} query secret of {name}");
+                    let body = json!({"prompt": ask, "max_tokens": 5, "temperature": 0, "session": session});
+                    let in_session = server.post("/v1/completions", key, &body).json();
+                    assert!(in_session["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+                    // The cached context is this tenant's own: continuing it gives
+                    // exactly what a fresh run of the whole prompt in its frame gives.
+                    let fresh =
+                        server.post("/v1/completions", key, &json!({"prompt": ask, "max_tokens": 5, "temperature": 0}));
+                    assert_eq!(in_session["choices"][0]["text"], fresh.json()["choices"][0]["text"], "{name}");
+                    // The neighbour's session is out of reach.
+                    let other = &tenants[(i + 1) % 100].2;
+                    let body = json!({"prompt": ask, "max_tokens": 1, "session": other});
+                    assert_eq!(server.post("/v1/completions", key, &body).status, 404, "{name}");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+/// Runs examples/http/openai_client.py, which completes, chats and streams with
+/// the official client. scripts/test.sh installs the client and sets
+/// KFRAME_TEST_PYTHON; a plain `cargo test` without it says so and skips.
+#[test]
+fn the_official_openai_python_client_completes_chats_and_streams() {
+    let Some(python) = std::env::var_os("KFRAME_TEST_PYTHON") else {
+        eprintln!("skipped: KFRAME_TEST_PYTHON is not set (scripts/test.sh installs the openai client and sets it)");
+        return;
+    };
+    let f = fixture();
+    let server = Server::start(&f.model, &f.data, &[]);
+    let key = server.tenant("alice");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/http/openai_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(format!("http://{}", server.addr))
+        .env("KFRAME_API_KEY", &key)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // The client's completion is the server's (and generate's) text for the prompt.
+    let expected = generate(&f.model, &f.data, "alice", 0, "user secret of rosa 8493 . query secret of rosa", 5);
+    let line = format!("completion: {}", serde_json::to_string(&expected).unwrap());
+    assert!(stdout.lines().any(|l| l == line), "expected {line:?} in {stdout}");
+    for line in ["model: model", "chat: ", "stream: "] {
+        assert!(stdout.contains(line), "missing {line:?} in {stdout}");
+    }
+}
+
+#[test]
 fn bad_requests_get_openai_style_errors_with_the_right_status() {
     let f = fixture();
     let server = Server::start(&f.model, &f.data, &["--max-body-bytes", "4096"]);
@@ -346,6 +419,25 @@ fn key_drop_delete_revokes_the_api_key_and_removes_the_sessions() {
         .clone();
     assert_eq!(names.len(), 1);
     assert_eq!(names[0]["name"], "bob");
+}
+
+#[test]
+fn rekey_over_the_admin_api_moves_a_live_session_to_the_new_epoch() {
+    let f = fixture();
+    let server = Server::start(&f.model, &f.data, &[]);
+    let alice = server.tenant("alice");
+    let session = server.post("/v1/sessions", &alice, &json!({})).json()["id"].as_str().unwrap().to_owned();
+    let first = "user secret of alice 1234 .";
+    let body = json!({"prompt": first, "max_tokens": 1, "temperature": 0, "session": session});
+    assert_eq!(server.post("/v1/completions", &alice, &body).status, 200);
+    let r = server.request("POST", "/admin/tenants/alice/rekey", Some(&server.admin), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!((r.json()["epoch"].clone(), r.json()["sessions_rekeyed"].clone()), (json!(1), json!(1)));
+    let ask = format!("{first} query secret of alice");
+    let body = json!({"prompt": ask, "max_tokens": 5, "temperature": 0, "session": session});
+    let v = server.post("/v1/completions", &alice, &body).json();
+    assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["choices"][0]["text"], generate(&f.model, &f.data, "alice", 1, &ask, 5));
 }
 
 #[test]

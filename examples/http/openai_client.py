@@ -4,6 +4,7 @@
 
 The api key is a tenant's, from `POST /admin/tenants` (see curl.sh).
 """
+import json
 import os
 import sys
 
@@ -15,7 +16,8 @@ model = client.models.list().data[0].id
 print("model:", model)
 
 done = client.completions.create(model=model, prompt="user secret of rosa 8493 . query secret of rosa", max_tokens=5, temperature=0)
-print("completion:", repr(done.choices[0].text), done.usage)
+print("completion:", json.dumps(done.choices[0].text, ensure_ascii=False))
+print("usage:", done.usage)
 
 chat = client.chat.completions.create(
     model=model, messages=[{"role": "user", "content": "remember code 4821"}], max_tokens=8, temperature=0
