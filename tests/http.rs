@@ -694,3 +694,27 @@ mod hostile {
         drop(stalled);
     }
 }
+
+#[test]
+fn bench_http_prints_its_ratio_latencies_and_a_clean_load_as_json() {
+    let out = kframe(&[
+        "bench",
+        "http",
+        "--json",
+        "--concurrent",
+        "8",
+        "--max-tokens",
+        "4",
+        "--load-tenants",
+        "20",
+        "--requests-per-tenant",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in ["http_over_engine", "engine_tok_s", "http_tok_s", "ttft_p50_ms", "ttft_p99_ms"] {
+        assert!(v[field].as_f64().is_some_and(|x| x > 0.0), "{field}: {v}");
+    }
+    assert_eq!((v["errors"].as_u64(), v["cross_tenant_leaks"].as_u64()), (Some(0), Some(0)), "{v}");
+    assert_eq!(v["load_requests"], 40);
+}

@@ -152,6 +152,21 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1000)]
         tenants: usize,
     },
+    /// HTTP over the in-process engine: aggregate decode tok/s with many
+    /// concurrent streaming tenants, time to first token, and a many-tenant load
+    /// checked for errors and cross-tenant leaks (server in a child process).
+    Http {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 256)]
+        concurrent: usize,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 1000)]
+        load_tenants: usize,
+        #[arg(long, default_value_t = 10)]
+        requests_per_tenant: usize,
+    },
     /// Median cost of one eviction decision over 1000 entries and of one admission
     /// decision through Wasm policy components (the shipped lru and capacity).
     Plugins {
@@ -226,6 +241,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Serve { json, tenants }) => {
             let opts = bench::ServeBenchOptions { tenants, ..Default::default() };
             let report = bench::serve(&opts, |msg| eprintln!("bench: {msg}"))?;
+            print_report(&report, json, report.to_text())
+        }
+        Command::Bench(BenchCommand::Http { json, concurrent, max_tokens, load_tenants, requests_per_tenant }) => {
+            let opts = bench::HttpBenchOptions { concurrent, max_tokens, load_tenants, requests_per_tenant };
+            let report = bench::http(&opts, |msg| eprintln!("bench: {msg}"))?;
             print_report(&report, json, report.to_text())
         }
         Command::Bench(BenchCommand::Plugins { json }) => {

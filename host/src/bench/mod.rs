@@ -1,5 +1,6 @@
 //! `kframe bench rotation`: what a tenant's rotation costs a decode step.
-//! ([`serve`] holds `kframe bench serve`; `plugins` times the policy components.)
+//! ([`serve`] holds `kframe bench serve`, [`http`] `kframe bench http`; `plugins`
+//! times the policy components.)
 //!
 //! The model has the layer shape of Qwen2.5-3B (random weights, fewer layers, a
 //! smaller vocabulary): rotation costs O(heads * d^2) per layer against
@@ -7,8 +8,10 @@
 //! ratio. Variants are timed in interleaved rounds and compared by their medians,
 //! so drift on a noisy machine hits every variant alike.
 
+pub mod http;
 pub mod serve;
 
+pub use http::{http, HttpBenchOptions, HttpReport};
 pub use serve::{serve, ServeBenchOptions, ServeReport};
 
 use crate::cache::{KvCache, KvPrecision};

@@ -79,7 +79,7 @@ const MASTER: [u8; 32] = [0x5e; 32];
 
 /// The embedded model when this build has one, else a random-weight tiny Qwen2
 /// (written to a temporary directory, which the returned guard keeps alive).
-fn model_dir() -> crate::Result<(ModelDir, String, Option<tempfile::TempDir>)> {
+pub(super) fn model_dir() -> crate::Result<(ModelDir, String, Option<tempfile::TempDir>)> {
     if let Ok(dir) = ModelDir::embedded() {
         return Ok((dir, "embedded".into(), None));
     }
