@@ -13,7 +13,7 @@
 
 use super::machine;
 use super::serve::model_dir;
-use crate::engine::{Engine, EngineConfig, Event, Submit, Tenant};
+use crate::engine::{Engine, EngineConfig, Submit, Tenant};
 use crate::generate::{Generator, SamplingParams};
 use crate::keys::MasterSecret;
 use crate::plugin::{Limits, PluginRuntime, PolicySet};
@@ -115,15 +115,8 @@ pub fn http(opts: &HttpBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::
             .map(|(t, prompt)| engine.submit(Submit { tenant: tenant(t), session: None, prompt, params }))
             .collect();
         let mut tokens = 0usize;
-        for mut s in streams {
-            while let Some(ev) = s.next_blocking() {
-                match ev {
-                    Event::Token { .. } => tokens += 1,
-                    Event::Text(_) => {}
-                    Event::Done { .. } => break,
-                    Event::Failed(e) => anyhow::bail!("engine request failed: {e}"),
-                }
-            }
+        for s in streams {
+            tokens += super::drain(s)?;
         }
         let secs = start.elapsed().as_secs_f64();
         engine.shutdown();

@@ -321,3 +321,18 @@ impl PluginReport {
         )
     }
 }
+
+/// Reads one request's event stream to its end; the tokens it generated.
+fn drain(mut stream: crate::engine::Stream) -> anyhow::Result<usize> {
+    use crate::engine::Event;
+    let mut tokens = 0;
+    while let Some(ev) = stream.next_blocking() {
+        match ev {
+            Event::Token { .. } => tokens += 1,
+            Event::Text(_) => {}
+            Event::Done { .. } => break,
+            Event::Failed(e) => anyhow::bail!("bench request failed: {e}"),
+        }
+    }
+    Ok(tokens)
+}

@@ -168,15 +168,8 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
             })
             .collect();
         let mut tokens = 0usize;
-        for mut s in streams {
-            while let Some(ev) = s.next_blocking() {
-                match ev {
-                    Event::Token { .. } => tokens += 1,
-                    Event::Text(_) => {}
-                    Event::Done { .. } => break,
-                    Event::Failed(e) => anyhow::bail!("bench request failed: {e}"),
-                }
-            }
+        for s in streams {
+            tokens += super::drain(s)?;
         }
         let secs = start.elapsed().as_secs_f64();
         Ok((tokens as f64 / secs, (engine.metrics().plugin_seconds - before) / secs))
