@@ -35,7 +35,7 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
-    #[error("master secret {path}: {reason}")]
+    #[error("secret file {path}: {reason}")]
     Secret { path: PathBuf, reason: String },
 
     #[error(transparent)]

@@ -60,7 +60,7 @@ impl MasterSecret {
 }
 
 #[cfg(unix)]
-fn check_private(path: &Path) -> std::result::Result<(), String> {
+pub(crate) fn check_private(path: &Path) -> std::result::Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).map_err(|e| e.to_string())?.permissions().mode();
     if mode & 0o077 != 0 {
@@ -70,7 +70,7 @@ fn check_private(path: &Path) -> std::result::Result<(), String> {
 }
 
 #[cfg(not(unix))]
-fn check_private(_: &Path) -> std::result::Result<(), String> {
+pub(crate) fn check_private(_: &Path) -> std::result::Result<(), String> {
     Ok(())
 }
 

@@ -159,11 +159,16 @@ impl App {
     }
 }
 
-/// Reads `DATA_DIR/admin.token`, creating it (mode 0600) on first start.
+/// Reads `DATA_DIR/admin.token` (refusing it if others can read it), creating it
+/// (mode 0600) on first start.
 fn load_or_create_admin_token(data_dir: &Path) -> crate::Result<zeroize::Zeroizing<String>> {
     let path = data_dir.join(ADMIN_TOKEN_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(s) => Ok(zeroize::Zeroizing::new(s.trim().to_owned())),
+        Ok(s) => {
+            // Held to the master secret's standard: a file others can read is refused.
+            crate::keys::check_private(&path).map_err(|reason| crate::Error::Secret { path: path.clone(), reason })?;
+            Ok(zeroize::Zeroizing::new(s.trim().to_owned()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token = registry::random_token("kfa-");
             crate::keys::write_private(&path, token.as_bytes())?;
