@@ -519,6 +519,39 @@ fn sigterm_lets_an_in_flight_request_finish_then_the_server_exits() {
     assert!(TcpStream::connect(&server.addr).is_err());
 }
 
+#[test]
+fn the_server_keeps_serving_when_whoever_started_it_closes_its_stdout() {
+    let f = fixture();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kframe"))
+        .args(["serve", "--model", f.model.to_str().unwrap(), "--data-dir", f.data.to_str().unwrap()])
+        .args(["--addr", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The read end closes before the server prints its address.
+    drop(child.stdout.take());
+    let mut up = false;
+    for _ in 0..600 {
+        if TcpStream::connect(&addr).is_ok() {
+            up = true;
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the server exited: {:?}", child.try_wait());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(up, "the server never listened on {addr}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "the server died after printing to a closed stdout");
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut s).status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn shipped_plugin(name: &str) -> Vec<u8> {
     let path = kframe::plugin::shipped(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-plugins.sh)", path.display()))

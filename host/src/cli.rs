@@ -367,9 +367,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         app.restore().await?;
         let listener = tokio::net::TcpListener::bind(args.addr).await?;
         let addr = listener.local_addr()?;
-        println!("kframe listening on http://{addr} (model {}, {} tenants)", app.model_id, app.registry.len());
-        println!("admin token: {}", data_dir.join(server::ADMIN_TOKEN_FILE).display());
-        std::io::stdout().flush()?;
+        let banner = format!(
+            "kframe listening on http://{addr} (model {}, {} tenants)\nadmin token: {}\n",
+            app.model_id,
+            app.registry.len(),
+            data_dir.join(server::ADMIN_TOKEN_FILE).display()
+        );
+        // One write, and its failure is not fatal: a supervisor that reads the
+        // first line and closes the pipe must not take the server down with it
+        // (`println!` panics on a closed stdout).
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(banner.as_bytes()).and_then(|()| out.flush()) {
+            tracing::warn!("could not print the listening address: {e}");
+        }
+        drop(out);
         server::serve(app, listener, shutdown_signal()).await;
         anyhow::Ok(())
     })

@@ -134,7 +134,10 @@ pub fn http(opts: &HttpBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
     let server = ChildGuard(&mut child);
     let mut line = String::new();
-    BufReader::new(server.0.stdout.take().expect("piped stdout")).read_line(&mut line)?;
+    let mut stdout = BufReader::new(server.0.stdout.take().expect("piped stdout"));
+    stdout.read_line(&mut line)?;
+    // Keep reading what the server prints, so it never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let addr = line
         .split("http://")
         .nth(1)
