@@ -552,6 +552,30 @@ fn the_server_keeps_serving_when_whoever_started_it_closes_its_stdout() {
     let _ = child.wait();
 }
 
+#[test]
+fn requests_are_verified_by_the_corrective_layer_and_its_event_list_is_admin_only() {
+    let f = fixture();
+    let server = Server::start(&f.model, &f.data, &[]);
+    let key = server.tenant("alice");
+    let r = server.post("/v1/completions", &key, &json!({"prompt": "hello there", "max_tokens": 3}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let metrics = server.request("GET", "/metrics", None, &[], b"").text();
+    let verified: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kframe_engine_blocks_verified_total "))
+        .unwrap_or_else(|| panic!("{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(verified > 0.0, "{metrics}");
+    assert!(metrics.contains("kframe_engine_isolation_events_total 0"), "{metrics}");
+    let events = server.request("GET", "/admin/isolation-events?tenant=alice&limit=5", Some(&server.admin), &[], b"");
+    assert_eq!(events.status, 200, "{}", events.text());
+    assert_eq!(events.json(), json!({"events": [], "total": 0}));
+    assert_eq!(server.request("GET", "/admin/isolation-events", Some(&key), &[], b"").status, 401);
+    let bad = server.request("GET", "/admin/isolation-events?limit=many", Some(&server.admin), &[], b"");
+    assert_eq!(bad.status, 400, "{}", bad.text());
+}
+
 fn shipped_plugin(name: &str) -> Vec<u8> {
     let path = kframe::plugin::shipped(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-plugins.sh)", path.display()))

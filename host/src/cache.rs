@@ -9,9 +9,16 @@
 //! `Exact` mode they are kept in f64, which makes the matched-key round trip
 //! `R^T (R k)` give back an f16/bf16 (and in practice f32) `k` bit for bit, at the
 //! cost of 8 bytes per element and a cast to the compute dtype when attention reads.
+//!
+//! Integrity: once [`KvCache::seal_with`] gives it the server's tag key, every
+//! block of rows is sealed as it is written, and at the layers set by
+//! [`KvCache::set_verify`] attention verifies what it reads (see
+//! [`crate::integrity`]).
 
+use crate::integrity::{self, BlockAt, Findings, IsolationEvent, Owner, Seal, TagKey, BLOCK};
 use crate::rotation::Frame;
 use candle_core::{DType, Device, Result, Tensor};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -63,6 +70,21 @@ pub struct KvCache {
     len: usize,
     /// A plaintext prefix this sequence attends over before its own rows.
     shared: Option<Arc<SharedPrefix>>,
+    integrity: Integrity,
+}
+
+/// A cache's seals and what verification has found in it.
+#[derive(Default)]
+struct Integrity {
+    /// The server's tag key and whom the rows are sealed for; None: not sealed.
+    sealer: Option<(Arc<TagKey>, Owner)>,
+    /// Per layer, per own block, per kv head (index block * kv_heads + head).
+    seals: Vec<Vec<Seal>>,
+    /// Layers whose reads are verified.
+    verify: Vec<bool>,
+    findings: Findings,
+    /// (layer, head, first position) of blocks already reported.
+    reported: HashSet<(usize, usize, usize)>,
 }
 
 impl KvCache {
@@ -79,6 +101,7 @@ impl KvCache {
             layers: (0..shape.layers).map(|_| None).collect(),
             len: 0,
             shared: None,
+            integrity: Integrity { seals: vec![Vec::new(); shape.layers], ..Integrity::default() },
         }
     }
 
@@ -165,7 +188,125 @@ impl KvCache {
         let buf = self.layers[layer].as_ref().expect("allocated above");
         buf.k.slice_set(&k.to_dtype(self.store)?.contiguous()?, 1, pos)?;
         buf.v.slice_set(&v.to_dtype(self.store)?.contiguous()?, 1, pos)?;
+        self.reseal(layer, pos, needed)
+    }
+
+    // ---- integrity (DESIGN.md section 5) ----
+
+    /// From now on every written block is sealed with `key` for `frame`'s owner;
+    /// the rows already here are sealed now.
+    pub fn seal_with(&mut self, key: Arc<TagKey>, frame: &Frame) -> Result<()> {
+        self.integrity.sealer = Some((key, Owner::of(frame)));
+        for layer in 0..self.shape.layers {
+            self.integrity.seals[layer].clear();
+            if self.layers[layer].is_some() {
+                self.reseal(layer, 0, self.len)?;
+            }
+        }
         Ok(())
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.integrity.sealer.is_some()
+    }
+
+    /// Which layers verify their reads from now on (one flag per layer; missing
+    /// layers are not verified).
+    pub fn set_verify(&mut self, verify: Vec<bool>) {
+        self.integrity.verify = verify;
+    }
+
+    /// What verification found since the last call.
+    pub fn take_findings(&mut self) -> Findings {
+        std::mem::take(&mut self.integrity.findings)
+    }
+
+    /// Seals the blocks of `layer` that rows `from..to` touch (rows past `to` are
+    /// not yet written).
+    fn reseal(&mut self, layer: usize, from: usize, to: usize) -> Result<()> {
+        let offset = self.offset();
+        let Some((key, owner)) = &self.integrity.sealer else { return Ok(()) };
+        if from >= to {
+            return Ok(());
+        }
+        let buf = self.layers[layer].as_ref().expect("a written layer is allocated");
+        let kv = self.shape.kv_heads;
+        let seals = &mut self.integrity.seals[layer];
+        for block in from / BLOCK..to.div_ceil(BLOCK) {
+            let start = block * BLOCK;
+            let rows = to.min(start + BLOCK) - start;
+            for head in 0..kv {
+                let at = BlockAt { layer, head, start: offset + start, rows };
+                let seal = integrity::with_rows(&buf.k, head, start, rows, |k| {
+                    integrity::with_rows(&buf.v, head, start, rows, |v| integrity::seal(key, owner, at, k, v))
+                })??;
+                let i = block * kv + head;
+                if i < seals.len() {
+                    seals[i] = seal;
+                } else {
+                    debug_assert_eq!(i, seals.len(), "blocks are sealed in order");
+                    seals.push(seal);
+                }
+            }
+        }
+        seals.truncate(to.div_ceil(BLOCK) * kv);
+        Ok(())
+    }
+
+    /// Verifies, if `layer` is gated, every block attention is about to read (the
+    /// shared prefix's and the first `own` own rows) in `reader`'s frame. Returns an
+    /// additive mask (kv, 1, prefix + own) that hides failed blocks, or None when
+    /// all passed or nothing was checked.
+    pub(crate) fn verify(&mut self, layer: usize, reader: &Frame, own: usize) -> Result<Option<Tensor>> {
+        if !self.integrity.verify.get(layer).copied().unwrap_or(false) {
+            return Ok(None);
+        }
+        let Some((key, _)) = &self.integrity.sealer else { return Ok(None) };
+        let key = key.clone();
+        let reader_owner = Owner::of(reader);
+        let kv = self.shape.kv_heads;
+        // (head, first position, end) of every failed block, with its reason.
+        let mut failed = Vec::new();
+        let mut verified = 0u64;
+        if let Some(prefix) = &self.shared {
+            // The prefix is sealed in the model's frame by whoever prefilled it.
+            let model = Owner::model();
+            verified += check_blocks(&prefix.cache, layer, prefix.cache.len, &key, &model, 0, &mut failed)?;
+        }
+        verified += check_blocks(self, layer, own, &key, &reader_owner, self.offset(), &mut failed)?;
+        let f = &mut self.integrity.findings;
+        f.blocks_verified += verified;
+        if failed.is_empty() {
+            return Ok(None);
+        }
+        f.blocks_masked += failed.len() as u64;
+        let total = self.offset() + own;
+        let mut mask = vec![0f32; kv * total];
+        for &(head, start, end, reason) in &failed {
+            mask[head * total + start..head * total + end].fill(f32::NEG_INFINITY);
+            if self.integrity.reported.insert((layer, head, start)) {
+                let event = IsolationEvent {
+                    tenant: reader_owner.tenant.clone(),
+                    epoch: reader_owner.epoch,
+                    layer,
+                    head,
+                    positions: (start, end),
+                    reason,
+                };
+                tracing::warn!(
+                    "isolation event: {} layer {layer} head {head} positions {start}..{end}: {reason}",
+                    reader_owner.describe()
+                );
+                self.integrity.findings.events.push(event);
+            }
+        }
+        for head in 0..kv {
+            if mask[head * total..(head + 1) * total].iter().all(|x| x.is_infinite()) {
+                candle_core::bail!("every block of layer {layer} kv head {head} failed verification: nothing left to attend to")
+            }
+        }
+        let mask = Tensor::from_vec(mask, (kv, 1, total), &self.device)?;
+        Ok(Some(mask.to_dtype(self.plain)?))
     }
 
     fn capacity(&self, layer: usize) -> usize {
@@ -267,6 +408,14 @@ impl KvCache {
             buf.v.slice_set(&zeros, 1, len)?;
         }
         self.len = len;
+        // The last block now ends earlier: seal it again.
+        let from = len - len % BLOCK;
+        for layer in 0..self.shape.layers {
+            self.integrity.seals[layer].truncate(from / BLOCK * self.shape.kv_heads);
+            if self.layers[layer].is_some() {
+                self.reseal(layer, from, len)?;
+            }
+        }
         Ok(())
     }
 
@@ -285,7 +434,11 @@ impl KvCache {
 
     /// Re-key without a new prefill: every row goes from `old`'s frame to `new`'s,
     /// k'' = R_new R_old^T k' (and the same with S for V), in the storage dtype.
+    /// A sealed cache is sealed again for the new epoch.
     pub fn rekey(&mut self, old: &Frame, new: &Frame) -> Result<()> {
+        if let Some((_, owner)) = &mut self.integrity.sealer {
+            *owner = Owner::of(new);
+        }
         for layer in 0..self.shape.layers {
             if self.layers[layer].is_none() || self.len == 0 {
                 continue;
@@ -316,6 +469,71 @@ impl KvCache {
         }
         self.len = len;
         Ok(())
+    }
+}
+
+/// A failed block: (kv head, first position, end position, why).
+type Failed = (usize, usize, usize, integrity::Reason);
+
+/// Checks the blocks of `cache`'s first `own` rows of `layer` (at context positions
+/// from `offset`) in `reader`'s frame; appends failures, returns blocks checked.
+fn check_blocks(
+    cache: &KvCache,
+    layer: usize,
+    own: usize,
+    key: &TagKey,
+    reader: &Owner,
+    offset: usize,
+    failed: &mut Vec<Failed>,
+) -> Result<u64> {
+    let Some(buf) = &cache.layers[layer] else { return Ok(0) };
+    let kv = cache.shape.kv_heads;
+    let mut checked = 0;
+    for block in 0..own.div_ceil(BLOCK) {
+        let start = block * BLOCK;
+        let rows = own.min(start + BLOCK) - start;
+        for head in 0..kv {
+            let at = BlockAt { layer, head, start: offset + start, rows };
+            let seal = cache.integrity.seals[layer].get(block * kv + head);
+            let outcome = integrity::with_rows(&buf.k, head, start, rows, |k| {
+                integrity::with_rows(&buf.v, head, start, rows, |v| integrity::check(key, reader, at, k, v, seal))
+            })??;
+            if let Err(reason) = outcome {
+                failed.push((head, offset + start, offset + start + rows, reason));
+            }
+            checked += 1;
+        }
+    }
+    Ok(checked)
+}
+
+/// Test hooks for the corrective layer: copy a block (bytes and seals) out of one
+/// cache into another, or change bytes without sealing them.
+#[cfg(test)]
+impl KvCache {
+    pub(crate) fn block_copy(&self, layer: usize, block: usize) -> (Tensor, Tensor, Vec<Seal>) {
+        let buf = self.layers[layer].as_ref().unwrap();
+        let kv = self.shape.kv_heads;
+        let rows = BLOCK.min(self.len - block * BLOCK);
+        let k = buf.k.narrow(1, block * BLOCK, rows).unwrap().contiguous().unwrap().copy().unwrap();
+        let v = buf.v.narrow(1, block * BLOCK, rows).unwrap().contiguous().unwrap().copy().unwrap();
+        (k, v, self.integrity.seals[layer][block * kv..(block + 1) * kv].to_vec())
+    }
+
+    pub(crate) fn put_block(&mut self, layer: usize, block: usize, (k, v, seals): (Tensor, Tensor, Vec<Seal>)) {
+        let buf = self.layers[layer].as_ref().unwrap();
+        buf.k.slice_set(&k, 1, block * BLOCK).unwrap();
+        buf.v.slice_set(&v, 1, block * BLOCK).unwrap();
+        let kv = self.shape.kv_heads;
+        self.integrity.seals[layer][block * kv..(block + 1) * kv].copy_from_slice(&seals);
+    }
+
+    /// Sets own row `row` of `layer`'s K (every head) to `value`, leaving the seal.
+    pub(crate) fn overwrite_row(&mut self, layer: usize, row: usize, value: f64) {
+        let buf = self.layers[layer].as_ref().unwrap();
+        let CacheShape { kv_heads, head_dim, .. } = self.shape;
+        let t = (Tensor::ones((kv_heads, 1, head_dim), self.store, &self.device).unwrap() * value).unwrap();
+        buf.k.slice_set(&t, 1, row).unwrap();
     }
 }
 

@@ -28,6 +28,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod integrity;
 pub mod keys;
 pub mod model;
 pub mod plugin;

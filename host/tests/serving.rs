@@ -321,3 +321,39 @@ async fn fifty_tenants_behind_a_shared_prefix_match_single_frame_runs_and_store_
     assert_eq!(plain_bytes, prefix_bytes + 50 * session_bytes(9));
     assert_eq!(copy_bytes, prefix_bytes + 50 * session_bytes(265));
 }
+
+fn isolation(ev: &Event) -> kframe::integrity::IsolationReport {
+    match ev {
+        Event::Done { isolation, .. } => isolation.clone(),
+        other => panic!("expected Done, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn every_request_reports_the_layers_it_verified_and_a_sampled_gate_leaves_the_others_unchecked() {
+    // Four layers, so that a sampled gate skips one.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = kframe::model::config::Config { num_hidden_layers: 4, ..synth::tiny_config() };
+    synth::write_model_dir(tmp.path(), &cfg, 21).unwrap();
+    let f = Fixture { dir: ModelDir::open(tmp.path()).unwrap(), _tmp: tmp };
+
+    // No depth-gate component: the fallback verifies every layer.
+    let e = engine(&f, EngineConfig::default(), policies());
+    let (_, _, last) = submit(&e, tenant(1), None, prompt(1, 40), 3).collect().await;
+    let report = isolation(&last);
+    assert_eq!((report.checked_layers, report.unchecked_layers), (vec![0, 1, 2, 3], vec![]));
+    // Prefill reads 2 blocks x 2 kv heads per layer, each decode step as many.
+    assert_eq!(report.blocks_verified, 3 * 4 * 2 * 2, "{last:?}");
+    assert_eq!((report.blocks_masked, report.events), (0, 0));
+    assert!(e.isolation_events().is_empty());
+    assert_eq!(e.metrics().blocks_verified, report.blocks_verified);
+
+    // verify-sampled every=2: layers 0 and 2, and always the last.
+    let set = policies();
+    set.swap(PolicyKind::DepthGate, "verify-sampled", &shipped("verify-sampled"), "every=2").unwrap();
+    let e = engine(&f, EngineConfig::default(), set);
+    let (_, _, last) = submit(&e, tenant(1), None, prompt(1, 40), 3).collect().await;
+    let report = isolation(&last);
+    assert_eq!((report.checked_layers, report.unchecked_layers), (vec![0, 2, 3], vec![1]));
+    assert_eq!(report.blocks_verified, 3 * 3 * 2 * 2);
+}

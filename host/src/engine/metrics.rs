@@ -1,7 +1,8 @@
 //! Counters the engine keeps for the HTTP layer's /metrics: written by the
 //! worker, read by anyone.
 
-use std::collections::BTreeMap;
+use crate::integrity::IsolationEvent;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
@@ -24,7 +25,33 @@ pub struct Metrics {
     pub(super) evictions: AtomicU64,
     pub(super) admissions_rejected: AtomicU64,
     pub(super) isolation_events: AtomicU64,
+    pub(super) blocks_verified: AtomicU64,
     pub(super) tenant_bytes: Mutex<BTreeMap<u64, u64>>,
+    /// The most recent isolation events, oldest first.
+    pub(super) recent_events: Mutex<VecDeque<IsolationEvent>>,
+}
+
+/// Isolation events kept for the admin API; older ones are only counted.
+pub const RECENT_EVENTS: usize = 1024;
+
+impl Metrics {
+    pub(super) fn record_events(&self, events: Vec<IsolationEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        Metrics::add(&self.isolation_events, events.len() as u64);
+        let mut recent = self.recent_events.lock().expect("events lock");
+        for e in events {
+            if recent.len() == RECENT_EVENTS {
+                recent.pop_front();
+            }
+            recent.push_back(e);
+        }
+    }
+
+    pub fn recent_events(&self) -> Vec<IsolationEvent> {
+        self.recent_events.lock().expect("events lock").iter().cloned().collect()
+    }
 }
 
 /// A consistent-enough copy of the counters (each read atomically).
@@ -53,6 +80,8 @@ pub struct MetricsSnapshot {
     pub evictions: u64,
     pub admissions_rejected: u64,
     pub isolation_events: u64,
+    /// Cache blocks whose tags attention verified.
+    pub blocks_verified: u64,
     pub plugin_failures: u64,
     pub plugin_seconds: f64,
 }
@@ -85,6 +114,7 @@ impl Metrics {
             evictions: self.evictions.load(Relaxed),
             admissions_rejected: self.admissions_rejected.load(Relaxed),
             isolation_events: self.isolation_events.load(Relaxed),
+            blocks_verified: self.blocks_verified.load(Relaxed),
             plugin_failures: 0,
             plugin_seconds: 0.0,
         }

@@ -20,6 +20,7 @@ pub use metrics::{Metrics, MetricsSnapshot};
 
 use crate::cache::KvPrecision;
 use crate::generate::{FinishReason, Generator, SamplingParams};
+use crate::integrity::{IsolationEvent, IsolationReport};
 use crate::keys::MasterSecret;
 use crate::model::Variant;
 use crate::plugin::PolicySet;
@@ -68,6 +69,8 @@ pub enum Event {
     Done {
         finish: FinishReason,
         usage: Usage,
+        /// What the corrective layer checked while serving the request.
+        isolation: IsolationReport,
     },
     Failed(EngineError),
 }
@@ -283,6 +286,12 @@ impl Engine {
         m.plugin_seconds =
             p.admission.seconds_in_plugin + p.eviction.seconds_in_plugin + p.depth_gate.seconds_in_plugin;
         m
+    }
+
+    /// The most recent isolation events (blocks that failed verification and were
+    /// masked out of attention), oldest first.
+    pub fn isolation_events(&self) -> Vec<IsolationEvent> {
+        self.metrics.recent_events()
     }
 
     pub fn policies(&self) -> &Arc<PolicySet> {

@@ -8,9 +8,10 @@ use super::sessions::{Checkout, SessionKey, Sessions};
 use super::{Command, EngineConfig, EngineError, Event, PrefixInfo, PrefixMode, Submit, Tenant, Usage};
 use crate::cache::{CacheShape, KvCache, SharedPrefix};
 use crate::generate::{sampler, FinishReason, Generator, TextStream};
+use crate::integrity::{IsolationReport, TagKey};
 use crate::keys::MasterSecret;
 use crate::model::BatchSeq;
-use crate::plugin::{Admission, Entry, Load, PolicySet, Request};
+use crate::plugin::{Admission, Entry, Load, ModelShape, PolicySet, Request};
 use crate::rotation::{Frame, Keyring};
 use candle_core::Tensor;
 use candle_transformers::generation::LogitsProcessor;
@@ -50,6 +51,7 @@ struct Seq {
     reserved: u64,
     started: Instant,
     usage: Usage,
+    isolation: IsolationReport,
 }
 
 pub(super) struct State {
@@ -70,6 +72,8 @@ pub(super) struct State {
     /// Logical time for policies: one tick per admission or finish.
     now: u64,
     shape: CacheShape,
+    /// Seals every tenant's and prefix's cache blocks (the corrective layer).
+    tag_key: Arc<TagKey>,
 }
 
 enum Finish {
@@ -87,6 +91,7 @@ impl State {
         metrics: Arc<Metrics>,
     ) -> Self {
         let exact = cfg.precision == crate::cache::KvPrecision::Exact;
+        let tag_key = Arc::new(TagKey::derive(&master));
         let model = &gen.model;
         let keyring = Keyring::new(
             master,
@@ -112,6 +117,7 @@ impl State {
             prefixes: Vec::new(),
             now: 0,
             shape,
+            tag_key,
         }
     }
 
@@ -321,9 +327,10 @@ impl State {
         self.validate(&tokens)?;
         let mut cache = self.gen.model.new_cache(self.cfg.precision);
         let t0 = Instant::now();
-        self.gen
-            .model
-            .forward(&tokens, &mut cache, &Frame::Identity, self.cfg.variant)
+        cache
+            .seal_with(self.tag_key.clone(), &Frame::Identity)
+            .map_err(crate::error::Error::from)
+            .and_then(|()| self.gen.model.forward(&tokens, &mut cache, &Frame::Identity, self.cfg.variant))
             .and_then(|_| Ok(cache.shrink_to_fit()?))
             .map_err(|e| EngineError::Model(e.to_string()))?;
         Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
@@ -432,9 +439,24 @@ impl State {
         // Reuse the longest common prefix; at least one prompt token runs, for logits.
         let common = common_prefix(&cached_tokens, &req.prompt);
         let total = (req.prompt.len() + req.params.max_tokens).min(self.shape.max_len);
+        // The depth-gate policy picks the layers whose reads are verified.
+        let shape = ModelShape {
+            layers: self.shape.layers as u32,
+            kv_heads: self.shape.kv_heads as u32,
+            head_dim: self.shape.head_dim as u32,
+        };
+        let verify: Vec<bool> =
+            self.policies.gates(&shape, req.tenant.id, req.prompt.len() as u32).value.iter().map(|g| g.verify).collect();
+        let isolation = IsolationReport::new(&verify);
         let prepared = cache.and_then(|mut c| {
+            // A new cache is sealed from its first row; a session's already is (and
+            // sealing it again would bless whatever it holds now).
+            if !c.is_sealed() {
+                c.seal_with(self.tag_key.clone(), &frame)?;
+            }
             c.truncate(common)?;
             c.reserve(total)?;
+            c.set_verify(verify);
             Ok(c)
         });
         let cache = match prepared {
@@ -469,6 +491,7 @@ impl State {
             reserved,
             started: Instant::now(),
             usage: Usage { prompt_tokens: req.prompt.len(), completion_tokens: 0, cached_tokens: common },
+            isolation,
             tenant: req.tenant,
         });
     }
@@ -515,6 +538,11 @@ impl State {
             let n = seq.unfilled.len().min(budget);
             let chunk: Vec<u32> = seq.unfilled.drain(..n).collect();
             let out = self.gen.model.forward(&chunk, &mut seq.cache, &seq.frame, self.cfg.variant);
+            let findings = seq.cache.take_findings();
+            seq.isolation.add(&findings);
+            Metrics::add(&self.metrics.blocks_verified, findings.blocks_verified);
+            self.metrics.record_events(findings.events);
+            let seq = &mut self.active[i];
             Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
             Metrics::add(&self.metrics.prompt_tokens_prefilled, n as u64);
             budget -= n;
@@ -557,6 +585,13 @@ impl State {
         }
         let out = self.gen.model.decode_batch(&mut batch, self.cfg.variant);
         drop(batch);
+        for &i in &ready {
+            let seq = &mut self.active[i];
+            let findings = seq.cache.take_findings();
+            seq.isolation.add(&findings);
+            Metrics::add(&self.metrics.blocks_verified, findings.blocks_verified);
+            self.metrics.record_events(findings.events);
+        }
         Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
         Metrics::add(&self.metrics.decode_steps, 1);
         Metrics::set(&self.metrics.batch_size, ready.len() as u64);
@@ -668,7 +703,7 @@ impl State {
                     let _ = seq.tx.send(Event::Text(rest));
                 }
                 Metrics::add(&self.metrics.requests_finished, 1);
-                let _ = seq.tx.send(Event::Done { finish, usage: seq.usage });
+                let _ = seq.tx.send(Event::Done { finish, usage: seq.usage, isolation: seq.isolation });
             }
             Finish::Failed(e) => {
                 Metrics::add(&self.metrics.requests_failed, 1);

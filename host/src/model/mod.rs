@@ -348,6 +348,8 @@ impl Attention {
         };
         cache.write(index, step.pos, &k_store, &v_store)?;
         let len = step.pos + t;
+        // The corrective layer: blocks that fail verification here are hidden.
+        let failed = cache.verify(index, step.frame, len - cache.offset())?;
         let (keys, values) = cache.rotated(index, len - cache.offset())?; // (kv, own, d), storage dtype
         let (keys, values) = (keys.to_dtype(xs.dtype())?, values.to_dtype(xs.dtype())?);
         let shared = cache.shared_rows(index)?;
@@ -363,9 +365,15 @@ impl Attention {
                 (q.clone(), k, v)
             }
         };
-        let mask = |scores: Tensor| match step.mask {
-            None => Ok(scores),
-            Some(mask) => scores.reshape((kv, g, t, len))?.broadcast_add(mask)?.reshape((kv, g * t, len)),
+        let mask = |scores: Tensor| {
+            let scores = match step.mask {
+                None => scores,
+                Some(mask) => scores.reshape((kv, g, t, len))?.broadcast_add(mask)?.reshape((kv, g * t, len))?,
+            };
+            match &failed {
+                None => Ok(scores),
+                Some(failed) => scores.broadcast_add(failed),
+            }
         };
         let (head, own) = attend(&q, &q_own, shared.as_ref(), &keys, &values, mask)?;
         let own = match (rot, step.variant) {
@@ -420,6 +428,7 @@ impl Attention {
             };
             let pos = s.cache.len();
             s.cache.write(index, pos, &k_store, &v_store)?;
+            let failed = s.cache.verify(index, s.frame, pos + 1 - s.cache.offset())?;
             let (keys, values) = s.cache.rotated(index, pos + 1 - s.cache.offset())?;
             let (keys, values) = (keys.to_dtype(xs.dtype())?.contiguous()?, values.to_dtype(xs.dtype())?.contiguous()?);
             let (keys, values) = match (layer_rot, variant) {
@@ -427,7 +436,11 @@ impl Attention {
                 _ => (keys, values),
             };
             let shared = s.cache.shared_rows(index)?;
-            let (head, own) = attend(&rows(&q)?, &rows(&q_own)?, shared.as_ref(), &keys, &values, Ok)?;
+            let mask = |scores: Tensor| match &failed {
+                None => Ok(scores),
+                Some(failed) => scores.broadcast_add(failed),
+            };
+            let (head, own) = attend(&rows(&q)?, &rows(&q_own)?, shared.as_ref(), &keys, &values, mask)?;
             heads.push(head);
             owns.push(own); // (kv, g, d), in the sequence's frame
         }

@@ -59,8 +59,9 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         (Method::PUT, ["admin", "policies", kind]) => put_policy(app, req, kind).await,
         (Method::DELETE, ["admin", "policies", kind]) => clear_policy(app, &req, kind),
         (Method::POST, ["admin", "prefixes"]) => register_prefix(app, req).await,
+        (Method::GET, ["admin", "isolation-events"]) => isolation_events(app, &req),
         (_, ["health" | "metrics"] | ["v1", "models" | "completions" | "sessions"] | ["v1", "chat", "completions"])
-        | (_, ["v1", "sessions", _] | ["admin", "tenants" | "policies" | "prefixes"])
+        | (_, ["v1", "sessions", _] | ["admin", "tenants" | "policies" | "prefixes" | "isolation-events"])
         | (_, ["admin", "tenants" | "policies", _] | ["admin", "tenants", _, "rekey"]) => {
             Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method not allowed here"))
         }
@@ -97,7 +98,7 @@ fn metrics(app: &App) -> Response<Body> {
         .map(|(s, n)| (format!("{{status=\"{s}\"}}"), *n as f64))
         .collect();
     metric("http_responses_total", "counter", "HTTP responses by status.", &by_status);
-    const COUNTERS: [&str; 10] = [
+    const COUNTERS: [&str; 11] = [
         "decode_steps",
         "tokens_generated",
         "prompt_tokens_prefilled",
@@ -107,6 +108,7 @@ fn metrics(app: &App) -> Response<Body> {
         "evictions",
         "admissions_rejected",
         "isolation_events",
+        "blocks_verified",
         "plugin_failures",
     ];
     for (name, value) in snapshot.as_object().into_iter().flatten() {
@@ -336,7 +338,7 @@ async fn generate(app: &Arc<App>, req: Request<Incoming>, endpoint: Endpoint) ->
                         break ("stop", None);
                     }
                 }
-                Some(Event::Done { finish, usage }) => break (finish_reason(finish), Some(usage)),
+                Some(Event::Done { finish, usage, .. }) => break (finish_reason(finish), Some(usage)),
                 Some(Event::Failed(e)) => return Err(engine_error(e)),
                 None => return Err(engine_error(EngineError::ShutDown)),
             }
@@ -369,7 +371,7 @@ async fn generate(app: &Arc<App>, req: Request<Incoming>, endpoint: Endpoint) ->
                     let (piece, stopped) = stop.push(&text);
                     (piece, stopped.then_some(("stop", None)))
                 }
-                Some(Event::Done { finish, usage }) => (stop.finish(), Some((finish_reason(finish), Some(usage)))),
+                Some(Event::Done { finish, usage, .. }) => (stop.finish(), Some((finish_reason(finish), Some(usage)))),
                 Some(Event::Failed(e)) => {
                     let err = engine_error(e);
                     let body =
@@ -505,10 +507,7 @@ fn policies(app: &App) -> Response<Body> {
 async fn put_policy(app: &Arc<App>, req: Request<Incoming>, kind: &str) -> Result<Response<Body>, ApiError> {
     admin(app, &req)?;
     let kind = policy_kind(kind)?;
-    let query = req.uri().query().unwrap_or("").to_owned();
-    let param = |key: &str| -> Option<String> {
-        query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| percent_decode(v))
-    };
+    let param = |key: &str| query_param(&req, key);
     let name = param("name").unwrap_or_else(|| kind.world().to_owned());
     let config = param("config").unwrap_or_default();
     // Components are larger than chat bodies.
@@ -549,6 +548,34 @@ async fn register_prefix(app: &Arc<App>, req: Request<Incoming>) -> Result<Respo
     let info = app.engine.register_prefix(tokens).await.map_err(engine_error)?;
     app.registry.add_prefix(&new.text).map_err(registry_error)?;
     Ok(json_response(StatusCode::CREATED, &json!(info)))
+}
+
+/// The percent-decoded value of `?key=` in the request's query string.
+fn query_param<B>(req: &Request<B>, key: &str) -> Option<String> {
+    let query = req.uri().query()?;
+    query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| percent_decode(v))
+}
+
+/// The most recent isolation events, newest last; `?tenant=` keeps one tenant's
+/// and `?limit=` (default 100) the last so many.
+fn isolation_events(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    admin(app, req)?;
+    let limit = match query_param(req, "limit") {
+        None => 100,
+        Some(v) => v.parse::<usize>().map_err(|_| ApiError::bad_request(format!("limit={v:?} is not a count")))?,
+    };
+    let tenant = query_param(req, "tenant");
+    let events: Vec<_> = app
+        .engine
+        .isolation_events()
+        .into_iter()
+        .filter(|e| tenant.as_ref().is_none_or(|t| &e.tenant == t))
+        .collect();
+    let shown = &events[events.len().saturating_sub(limit)..];
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"events": shown, "total": app.engine.metrics().isolation_events}),
+    ))
 }
 
 fn percent_decode(s: &str) -> String {
