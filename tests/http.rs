@@ -366,9 +366,10 @@ fn the_official_openai_python_client_completes_chats_and_streams() {
 #[test]
 fn bad_requests_get_openai_style_errors_with_the_right_status() {
     let f = fixture();
-    let server = Server::start(&f.model, &f.data, &["--max-body-bytes", "4096"]);
+    let server = Server::start(&f.model, &f.data, &["--max-body-bytes", "4096", "--max-prompt-tokens", "100"]);
     let key = server.tenant("alice");
     let json_ct = [("Content-Type", "application/json")];
+    let long = "x".repeat(101);
     let cases: Vec<(Resp, u16)> = vec![
         (server.request("POST", "/v1/completions", None, &json_ct, b"{\"prompt\":\"hi\"}"), 401),
         (server.request("POST", "/v1/completions", Some("kf-wrong"), &json_ct, b"{\"prompt\":\"hi\"}"), 401),
@@ -377,6 +378,8 @@ fn bad_requests_get_openai_style_errors_with_the_right_status() {
         (server.post("/v1/completions", &key, &json!({"prompt": "hi", "max_tokens": 0})), 400),
         (server.post("/v1/completions", &key, &json!({"prompt": "hi", "temperature": 9})), 400),
         (server.post("/v1/completions", &key, &json!({"prompt": [999_999_999u32]})), 400),
+        (server.post("/v1/completions", &key, &json!({"prompt": long})), 400),
+        (server.post("/v1/completions", &key, &json!({"prompt": "hi", "max_tokens": 5000})), 400),
         (server.post("/v1/completions", &key, &json!({"prompt": "hi", "model": "gpt-4"})), 404),
         (server.post("/v1/chat/completions", &key, &json!({"messages": []})), 400),
         (server.request("POST", "/v1/completions", Some(&key), &json_ct, &vec![b' '; 10_000]), 413),
@@ -602,6 +605,81 @@ fn a_policy_put_over_the_admin_api_is_swapped_in_and_a_broken_one_is_refused() {
     let listed = server.request("GET", "/admin/policies", Some(&server.admin), &[], b"").json();
     let eviction = listed["policies"].as_array().unwrap().iter().find(|p| p["kind"] == "eviction").unwrap().clone();
     assert_eq!(eviction["component"], "lfu");
+}
+
+/// Tenants' ids whose sessions hold cache bytes, from /metrics.
+fn tenants_holding_cache(server: &Server) -> Vec<u64> {
+    let metrics = server.request("GET", "/metrics", None, &[], b"").text();
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("kframe_engine_tenant_cache_bytes{tenant=\""))
+        .filter_map(|l| l.split('"').next()?.parse().ok())
+        .collect()
+}
+
+/// Four new tenants; the first holds a session used three times, the next two a
+/// session used once each; then the fourth needs room. Returns the ids of the
+/// four and whose session was evicted for it.
+fn eviction_trace(server: &Server, names: [&str; 4]) -> (Vec<u64>, Vec<u64>) {
+    let (mut ids, mut keys) = (Vec::new(), Vec::new());
+    for name in names {
+        let r = server.post("/admin/tenants", &server.admin, &json!({"name": name}));
+        assert_eq!(r.status, 201, "{}", r.text());
+        ids.push(r.json()["id"].as_u64().unwrap());
+        keys.push(r.json()["api_key"].as_str().unwrap().to_owned());
+    }
+    let sessions: Vec<String> = keys
+        .iter()
+        .map(|k| server.post("/v1/sessions", k, &json!({})).json()["id"].as_str().unwrap().to_owned())
+        .collect();
+    let ask = |t: usize| {
+        // 23 one-byte tokens: every session is the same size.
+        let body = json!({"prompt": format!("{t} session prompt ......"), "max_tokens": 1, "session": sessions[t]});
+        let r = server.post("/v1/completions", &keys[t], &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    for t in [0, 0, 0, 1, 2] {
+        ask(t);
+    }
+    let before = tenants_holding_cache(server);
+    ask(3);
+    let after = tenants_holding_cache(server);
+    (ids, before.into_iter().filter(|t| !after.contains(t)).collect())
+}
+
+#[test]
+fn an_eviction_policy_put_over_http_changes_the_next_eviction_without_a_restart() {
+    let f = fixture();
+    // Room for three and a half 24-token sessions (4 KiB a token in this model).
+    let budget = (3 * 24 + 12) * 4096;
+    let server = Server::start(&f.model, &f.data, &["--kv-budget", &budget.to_string()]);
+    let put = |name: &str, config: &str| {
+        let path = format!("/admin/policies/eviction?name={name}&config={config}");
+        let r = server.request("PUT", &path, Some(&server.admin), &[], &shipped_plugin(name));
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    put("lru", "");
+    let (ids, evicted) = eviction_trace(&server, ["l0", "l1", "l2", "l3"]);
+    assert_eq!(evicted, vec![ids[0]], "LRU evicts the least recently used session");
+    for name in ["l0", "l1", "l2", "l3"] {
+        let r = server.request("DELETE", &format!("/admin/tenants/{name}"), Some(&server.admin), &[], b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    put("lfu", "");
+    let (ids, evicted) = eviction_trace(&server, ["f0", "f1", "f2", "f3"]);
+    assert_eq!(evicted, vec![ids[1]], "LFU evicts the least used session, oldest first");
+
+    // A component that answers with ids that do not exist: the built-in policy
+    // decides instead, the failure is counted, and every request still succeeds.
+    for name in ["f0", "f1", "f2", "f3"] {
+        server.request("DELETE", &format!("/admin/tenants/{name}"), Some(&server.admin), &[], b"");
+    }
+    put("hostile", "unknown");
+    let (_, evicted) = eviction_trace(&server, ["h0", "h1", "h2", "h3"]);
+    assert_eq!(evicted.len(), 1, "the fallback made room");
+    let metrics = server.request("GET", "/metrics", None, &[], b"").text();
+    assert!(!metrics.contains("kframe_engine_plugin_failures_total 0\n"), "{metrics}");
+    assert!(metrics.contains("kframe_engine_requests_failed_total 0\n"), "{metrics}");
 }
 
 mod hostile {

@@ -118,10 +118,16 @@ pub struct ServeArgs {
     pub prefix_mode: PrefixMode,
     #[arg(long, default_value_t = 64)]
     pub max_batch: usize,
+    /// Largest request body; bigger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Most prompt tokens in one request (after the chat template); more get 400.
+    #[arg(long, default_value_t = 8192)]
+    pub max_prompt_tokens: usize,
+    /// Largest `max_tokens` a request may ask for.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
+    /// Open connections served at once; more wait in the listen backlog.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
 }
@@ -354,6 +360,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let limits = server::Limits {
         max_body_bytes: args.max_body_bytes,
+        max_prompt_tokens: args.max_prompt_tokens,
         max_tokens: args.max_tokens,
         max_connections: args.max_connections,
         ..server::Limits::default()

@@ -79,7 +79,10 @@ def encode_docs(tok, docs, other_weight):
             if s["target"]:
                 spans.append((pos, pos + len(s["text"])))
             pos += len(s["text"])
-        weights = [1.0 if any(a < e and b > s for s, e in spans) else other_weight for a, b in enc.offsets]
+        # In a pairs document nothing but the answers is predictable (random names
+        # and digits): its other tokens only add noise to the gradient.
+        rest = 0.0 if doc.get("pairs") else other_weight
+        weights = [1.0 if any(a < e and b > s for s, e in spans) else rest for a, b in enc.offsets]
         out.append((enc.ids, weights))
     return out
 

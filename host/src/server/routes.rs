@@ -79,7 +79,10 @@ fn health(app: &App) -> Response<Body> {
 /// Prometheus text format: the engine's metrics, tenants, responses by status.
 fn metrics(app: &App) -> Response<Body> {
     use std::fmt::Write;
-    let snapshot = serde_json::to_value(app.engine.metrics()).expect("metrics serialize");
+    let engine = app.engine.metrics();
+    let by_tenant: Vec<(String, f64)> =
+        engine.cache_bytes_by_tenant.iter().map(|(t, b)| (format!("{{tenant=\"{t}\"}}"), *b as f64)).collect();
+    let snapshot = serde_json::to_value(engine).expect("metrics serialize");
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP kframe_{name} {help}\n# TYPE kframe_{name} {kind}");
@@ -111,6 +114,7 @@ fn metrics(app: &App) -> Response<Body> {
         "blocks_verified",
         "plugin_failures",
     ];
+    metric("engine_tenant_cache_bytes", "gauge", "Cache bytes held per tenant id.", &by_tenant);
     for (name, value) in snapshot.as_object().into_iter().flatten() {
         let Some(v) = value.as_f64() else { continue };
         if COUNTERS.contains(&name.as_str()) {
