@@ -357,3 +357,42 @@ async fn every_request_reports_the_layers_it_verified_and_a_sampled_gate_leaves_
     assert_eq!((report.checked_layers, report.unchecked_layers), (vec![0, 2, 3], vec![1]));
     assert_eq!(report.blocks_verified, 3 * 3 * 2 * 2);
 }
+
+#[tokio::test]
+async fn an_unused_shared_prefix_is_evicted_for_room_and_prefilled_again_when_asked_for() {
+    let f = fixture();
+    let prefix = prompt(77, 64);
+    // Room for the prefix and a session and a half (of 24 tokens).
+    let cfg = EngineConfig { kv_budget: session_bytes(64) + session_bytes(36), ..EngineConfig::default() };
+    let set = policies();
+    set.swap(PolicyKind::Eviction, "lru", &shipped("lru"), "").unwrap();
+    let e = engine(&f, cfg, set);
+    let info = e.register_prefix(prefix.clone()).await.unwrap();
+    assert_eq!(info.bytes, session_bytes(64));
+
+    // While a session's cache continues the prefix, the prefix is in use: the
+    // oldest entry (LRU's pick) is passed over for the session itself.
+    let mut on_prefix = prefix.clone();
+    on_prefix.extend(prompt(1, 20));
+    let (_, _, last) = submit(&e, tenant(1), Some("s"), on_prefix.clone(), 1).collect().await;
+    assert_eq!(done(&last).cached_tokens, 64);
+    let (_, _, last) = submit(&e, tenant(2), Some("s"), prompt(2, 23), 1).collect().await;
+    done(&last);
+    assert_eq!(e.metrics().evictions, 1);
+    assert!(!e.metrics().cache_bytes_by_tenant.contains_key(&1), "tenant 1's session was the victim");
+    assert!(e.metrics().cache_bytes >= info.bytes, "the prefix stayed");
+
+    // Now nothing uses it: it is the least recently used entry and goes first.
+    let (_, _, last) = submit(&e, tenant(3), Some("s"), prompt(3, 23), 1).collect().await;
+    done(&last);
+    let m = e.metrics();
+    assert_eq!(m.evictions, 2);
+    assert!(m.cache_bytes < info.bytes, "the prefix was evicted: {} bytes held", m.cache_bytes);
+    assert!(m.cache_bytes_by_tenant.contains_key(&2) && m.cache_bytes_by_tenant.contains_key(&3));
+
+    // The next request that starts with it prefills it once more, as shared.
+    let (tokens, _, last) = submit(&e, tenant(4), None, on_prefix.clone(), 3).collect().await;
+    assert_eq!(done(&last).cached_tokens, 64, "the prefix was not loaded again");
+    assert_eq!(tokens, solo(&f, &tenant(4), &on_prefix, 3));
+    assert!(e.metrics().cache_bytes <= session_bytes(64) + session_bytes(36));
+}

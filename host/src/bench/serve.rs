@@ -12,6 +12,8 @@
 //!   over the second half of a few thousand sessions), and the tenants with 256
 //!   private tokens that fit in 24 GiB at that rate.
 //! - Policy cost: the share of serving time spent inside Wasm policy components.
+//! - Corrective layer: a batched decode step of 32 tenants with 256 tokens each,
+//!   every layer's reads verified, against the same step unverified.
 
 use super::machine;
 use crate::cache::{KvCache, KvPrecision, SharedPrefix};
@@ -19,7 +21,8 @@ use crate::engine::{Engine, EngineConfig, Event, Submit, Tenant};
 use crate::generate::{Generator, SamplingParams};
 use crate::keys::MasterSecret;
 use crate::model::load::ModelDir;
-use crate::model::{synth, Variant};
+use crate::integrity::TagKey;
+use crate::model::{synth, BatchSeq, Qwen2, Variant};
 use crate::plugin::{Limits, PluginRuntime, PolicyKind, PolicySet};
 use crate::rotation::{Frame, Keyring};
 use candle_core::{DType, Device};
@@ -73,6 +76,8 @@ pub struct ServeReport {
     /// Seconds inside policy components / serving seconds, in the batch-32 run
     /// with the shipped capacity and lru components (None if they are not built).
     pub plugin_time_share: Option<f64>,
+    /// Extra decode time with every layer's reads verified, as a fraction.
+    pub verify_all_overhead: f64,
 }
 
 const MASTER: [u8; 32] = [0x5e; 32];
@@ -178,6 +183,9 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     let (batch1, _) = decode(1)?;
     let (batch32, plugin_share) = decode(32)?;
 
+    progress("corrective layer: 32 tenants' decode steps verified and unverified");
+    let verify_all_overhead = corrective_overhead(model, 32, 256, 8)?;
+
     progress(&format!("memory of {} resident sessions", opts.resident_sample));
     // Memory is read at half and at all of the sample: the slope leaves out fixed
     // costs, such as the keyring filling up to its capacity in the first half.
@@ -235,7 +243,44 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
         keyring_bytes,
         resident_tenants: resident,
         plugin_time_share: plugins_loaded.then_some(plugin_share),
+        verify_all_overhead,
     })
+}
+
+/// Decode time for `seqs` tenants of `context` tokens each with every layer's
+/// reads verified, over the same steps with none, minus one. The two modes
+/// alternate step by step, so that both see the same machine.
+fn corrective_overhead(model: &Qwen2, seqs: usize, context: usize, steps: usize) -> anyhow::Result<f64> {
+    let master = MasterSecret::from_bytes(MASTER);
+    let key = Arc::new(TagKey::derive(&master));
+    let ring = Keyring::new(master, model.rotation_shape(), DType::F32, false, Device::Cpu, seqs);
+    let frames: Vec<Frame> = (0..seqs).map(|t| ring.frame(&format!("verify-{t}"), 0)).collect::<Result<_, _>>()?;
+    let mut caches = Vec::with_capacity(seqs);
+    for f in &frames {
+        let mut c = model.new_cache(KvPrecision::Native);
+        c.reserve(context + 2 * steps + 1)?;
+        c.fill_random(context)?;
+        c.seal_with(key.clone(), f)?;
+        caches.push(c);
+    }
+    let layers = model.config().num_hidden_layers;
+    let mut step = |verify: bool| -> anyhow::Result<f64> {
+        for c in caches.iter_mut() {
+            c.set_verify(vec![verify; layers]);
+        }
+        let mut batch: Vec<BatchSeq> =
+            caches.iter_mut().zip(&frames).map(|(cache, frame)| BatchSeq { token: 1, cache, frame }).collect();
+        let start = Instant::now();
+        model.decode_batch(&mut batch, Variant::ProbeTime)?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    step(false)?; // warm-up
+    let (mut on, mut off) = (0.0, 0.0);
+    for _ in 0..steps {
+        off += step(false)?;
+        on += step(true)?;
+    }
+    Ok(on / off - 1.0)
 }
 
 /// This process's resident set, from /proc (0 where there is none).
@@ -258,7 +303,8 @@ impl ServeReport {
              decode through the engine: 1 tenant {:.1} tok/s, 32 tenants {:.1} tok/s ({:.2}x)\n\
              residency: {} K/V bytes per 256-token tenant, {:.0} bytes overhead per session \
              (resident set +{:.0} B for +{:.0} B of K/V per session), keyring {} MiB, {} tenants in 24 GiB\n\
-             time in policy components: {}",
+             time in policy components: {}\n\
+             corrective layer, every layer verified: +{:.1}% decode time (32 tenants x 256 tokens)",
             self.model,
             self.machine,
             self.tenants,
@@ -280,6 +326,7 @@ impl ServeReport {
             self.keyring_bytes >> 20,
             self.resident_tenants,
             share,
+            self.verify_all_overhead * 100.0,
         )
     }
 }

@@ -68,13 +68,30 @@ pub(super) struct State {
     /// Of `used`, the bytes running sequences hold (what eviction cannot free).
     in_flight: u64,
     tenant_bytes: HashMap<u64, u64>,
-    prefixes: Vec<Arc<SharedPrefix>>,
+    prefixes: Vec<PrefixSlot>,
     /// Logical time for policies: one tick per admission or finish.
     now: u64,
     shape: CacheShape,
     /// Seals every tenant's and prefix's cache blocks (the corrective layer).
     tag_key: Arc<TagKey>,
 }
+
+/// A registered shared prefix. Its prefilled rows can be evicted like a session
+/// when nothing uses them; the tokens stay, and the next request that starts with
+/// them prefills them once again for everyone.
+struct PrefixSlot {
+    /// The eviction policy's entry id (in a range sessions never reach).
+    entry: u64,
+    id: [u8; 32],
+    tokens: Vec<u32>,
+    shared: Option<Arc<SharedPrefix>>,
+    bytes: u64,
+    /// Whether the eviction policy was last told it is in use.
+    pinned: bool,
+}
+
+/// Prefix entry ids: far above any session's.
+const PREFIX_ENTRY: u64 = 1 << 62;
 
 enum Finish {
     Done(FinishReason),
@@ -242,6 +259,7 @@ impl State {
             }
             _ => (0, 0),
         };
+        self.reload_prefix_for(&p.req.prompt, reuse);
         let prefix = self.prefix_for(&p.req.prompt).filter(|pf| pf.tokens.len() > reuse);
         let offset = match (&prefix, self.cfg.prefix_mode) {
             (Some(pf), PrefixMode::SharedPlain) => pf.tokens.len(),
@@ -301,9 +319,28 @@ impl State {
     fn prefix_for(&self, prompt: &[u32]) -> Option<Arc<SharedPrefix>> {
         self.prefixes
             .iter()
+            .filter_map(|p| p.shared.as_ref())
             .filter(|p| p.tokens.len() < prompt.len() && prompt.starts_with(&p.tokens))
             .max_by_key(|p| p.tokens.len())
             .cloned()
+    }
+
+    /// Prefills again an evicted prefix that `prompt` starts with (and that covers
+    /// more than `reuse` tokens), if there is room; otherwise the request prefills
+    /// those tokens itself.
+    fn reload_prefix_for(&mut self, prompt: &[u32], reuse: usize) {
+        let dormant = self
+            .prefixes
+            .iter()
+            .filter(|p| p.shared.is_none() && p.tokens.len() > reuse)
+            .filter(|p| p.tokens.len() < prompt.len() && prompt.starts_with(&p.tokens))
+            .max_by_key(|p| p.tokens.len())
+            .map(|p| p.tokens.clone());
+        if let Some(tokens) = dormant {
+            if let Err(e) = self.register_prefix(tokens) {
+                tracing::debug!("an evicted shared prefix stays evicted: {e}");
+            }
+        }
     }
 
     fn register_prefix(&mut self, tokens: Vec<u32>) -> Result<PrefixInfo, EngineError> {
@@ -316,12 +353,13 @@ impl State {
             h.update(&t.to_le_bytes());
         }
         let id = *h.finalize().as_bytes();
-        let info = |p: &SharedPrefix| PrefixInfo {
+        let slot = self.prefixes.iter().position(|p| p.id == id);
+        let info = |p: &PrefixSlot| PrefixInfo {
             id: blake3::Hash::from(p.id).to_hex().to_string(),
             tokens: p.tokens.len(),
-            bytes: p.cache.allocated_bytes() as u64,
+            bytes: p.bytes,
         };
-        if let Some(p) = self.prefixes.iter().find(|p| p.id == id) {
+        if let Some(p) = slot.map(|i| &self.prefixes[i]).filter(|p| p.shared.is_some()) {
             return Ok(info(p));
         }
         self.validate(&tokens)?;
@@ -338,14 +376,42 @@ impl State {
         if self.used + bytes > self.cfg.kv_budget && !self.make_room(bytes) {
             return Err(EngineError::OverBudget { needed: bytes, budget: self.cfg.kv_budget });
         }
-        // Shared prefixes are the operator's: charged to no tenant, never evicted.
+        // Shared prefixes are the operator's: charged to no tenant (entry tenant 0).
         self.used += bytes;
-        self.in_flight += bytes;
-        let prefix = Arc::new(SharedPrefix { id, tokens, cache });
-        let out = info(&prefix);
-        self.prefixes.push(prefix);
+        self.now += 1;
+        let shared = Some(Arc::new(SharedPrefix { id, tokens: tokens.clone(), cache }));
+        let index = match slot {
+            Some(i) => {
+                self.prefixes[i].shared = shared;
+                i
+            }
+            None => {
+                let entry = PREFIX_ENTRY + self.prefixes.len() as u64;
+                self.prefixes.push(PrefixSlot { entry, id, tokens, shared, bytes, pinned: false });
+                self.prefixes.len() - 1
+            }
+        };
+        let p = &mut self.prefixes[index];
+        p.bytes = bytes;
+        p.pinned = false;
+        let entry = Entry { id: p.entry, tenant: 0, bytes, tokens: p.tokens.len() as u32, pinned: false, inserted: self.now };
+        self.policies.on_insert(entry);
+        let out = info(&self.prefixes[index]);
         self.publish();
         Ok(out)
+    }
+
+    /// Tells the eviction policy which prefixes are in use now: referenced by a
+    /// running sequence or a session's cache besides the registry.
+    fn refresh_prefix_pins(&mut self) {
+        for p in &mut self.prefixes {
+            let Some(shared) = &p.shared else { continue };
+            let pinned = Arc::strong_count(shared) > 1;
+            if pinned != p.pinned {
+                p.pinned = pinned;
+                self.policies.on_pin(p.entry, pinned);
+            }
+        }
     }
 
     /// Returns a checked-out session unchanged.
@@ -370,6 +436,7 @@ impl State {
         if self.used + needed <= budget {
             return true;
         }
+        self.refresh_prefix_pins();
         let victims = self.policies.victims(self.used + needed - budget, self.now).value;
         for id in victims {
             self.remove_session(id, true);
@@ -379,6 +446,22 @@ impl State {
 
     /// Removes an idle session: evicted for room, or deleted with its tenant.
     fn remove_session(&mut self, entry: u64, evicted: bool) {
+        if entry >= PREFIX_ENTRY {
+            // Only eviction removes a prefix, and only one nothing uses.
+            let Some(p) = self.prefixes.iter_mut().find(|p| p.entry == entry) else { return };
+            if let Some(shared) = p.shared.take() {
+                if Arc::strong_count(&shared) > 1 {
+                    p.shared = Some(shared); // in use after all: keep it
+                    return;
+                }
+                self.used -= p.bytes;
+                Metrics::add(&self.metrics.evictions, 1);
+                tracing::debug!(entry, bytes = p.bytes, "shared prefix evicted");
+                // Dropping `shared` zeroes the prefix's rows.
+            }
+            self.policies.on_remove(entry);
+            return;
+        }
         if let Some(s) = self.sessions.remove(entry) {
             if s.cache.is_some() {
                 self.charge(s.tenant, -(s.bytes as i64));
