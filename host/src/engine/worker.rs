@@ -363,6 +363,11 @@ impl State {
             return Ok(info(p));
         }
         self.validate(&tokens)?;
+        // Room first: a prefix that does not fit is not prefilled for nothing.
+        let bytes = KvCache::bytes_for(self.shape, self.store_dtype(), tokens.len()) as u64;
+        if self.used + bytes > self.cfg.kv_budget && !self.make_room(bytes) {
+            return Err(EngineError::OverBudget { needed: bytes, budget: self.cfg.kv_budget });
+        }
         let mut cache = self.gen.model.new_cache(self.cfg.precision);
         let t0 = Instant::now();
         cache
@@ -372,10 +377,7 @@ impl State {
             .and_then(|_| Ok(cache.shrink_to_fit()?))
             .map_err(|e| EngineError::Model(e.to_string()))?;
         Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
-        let bytes = cache.allocated_bytes() as u64;
-        if self.used + bytes > self.cfg.kv_budget && !self.make_room(bytes) {
-            return Err(EngineError::OverBudget { needed: bytes, budget: self.cfg.kv_budget });
-        }
+        debug_assert_eq!(bytes, cache.allocated_bytes() as u64);
         // Shared prefixes are the operator's: charged to no tenant (entry tenant 0).
         self.used += bytes;
         self.now += 1;
