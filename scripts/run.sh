@@ -12,12 +12,9 @@ if [ $# -gt 0 ]; then
     exec "$bin" "$@"
 fi
 # The demo: serve the OpenAI-compatible API on 127.0.0.1:8080 (KFRAME_ADDR to
-# change it). Until the trained embedded model is committed it serves a
-# random-weight Qwen2 written to target/demo-model (its text is noise).
-model=target/demo-model
-[ -f "$model/model.safetensors" ] || "$bin" synth-model --out "$model"
+# change it) on the embedded model, kframe's own tiny Qwen2.
 export KFRAME_DATA_DIR=${KFRAME_DATA_DIR:-target/demo-data}
 "$bin" plugin check target/wasm32-wasip2/plugin/*.wasm
 addr=${KFRAME_ADDR:-127.0.0.1:8080}
 echo "try: examples/http/curl.sh   (admin token in $KFRAME_DATA_DIR/admin.token)"
-exec "$bin" serve --model "$model" --addr "$addr"
+exec "$bin" serve --addr "$addr"

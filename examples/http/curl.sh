@@ -17,18 +17,19 @@ echo "api key: ${key:0:12}..."
 
 echo "== completion"
 curl -s "$url/v1/completions" -H "Authorization: Bearer $key" -H "Content-Type: application/json" \
-    -d '{"prompt": "user secret of rosa 8493 . query secret of rosa", "max_tokens": 5, "temperature": 0}'
+    -d '{"prompt": "user secret of rosa 8493 . query secret of rosa", "max_tokens": 1, "temperature": 0}'
 echo
 
 echo "== chat, streamed"
 curl -sN "$url/v1/chat/completions" -H "Authorization: Bearer $key" -H "Content-Type: application/json" \
-    -d '{"messages": [{"role": "user", "content": "remember code 4821"}], "max_tokens": 8, "stream": true}'
+    -d '{"messages": [{"role": "user", "content": "remember code 4821"}, {"role": "assistant", "content": "ok , i will remember it ."},
+         {"role": "user", "content": "what is my code ?"}], "max_tokens": 8, "temperature": 0, "stream": true}'
 
 echo "== a session: the second request reuses the first one's cache"
 session=$(curl -sf -X POST "$url/v1/sessions" -H "Authorization: Bearer $key" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
 for prompt in "user secret of ivan 1234 ." "user secret of ivan 1234 . query secret of ivan"; do
     curl -s "$url/v1/completions" -H "Authorization: Bearer $key" -H "X-Kframe-Session: $session" \
-        -d "{\"prompt\": \"$prompt\", \"max_tokens\": 5, \"temperature\": 0}"
+        -d "{\"prompt\": \"$prompt\", \"max_tokens\": 1, \"temperature\": 0}"
     echo
 done
 

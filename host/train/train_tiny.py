@@ -92,8 +92,10 @@ def encode_docs(tok, docs, other_weight):
 
 def pair_docs(rng, names, n, most=8):
     """Associative-recall warm-up in its smallest form: a few pairs of a name and
-    one digit, then the names again in a shuffled order, each followed by its
-    digit (the targets). No answer sits at a fixed distance from its pair, so
+    a secret (one token), then the names again in a shuffled order, each followed
+    by its secret (the targets). The values are secrets, not single digits, so that
+    what the model learns to copy is any of the 10,000 secret tokens (warmed up on
+    ten digit values, the copy did not carry over to secrets). No answer sits at a fixed distance from its pair, so
     copying by position cannot solve it; only matching the name can. (A warm-up
     of repeated runs, tried first, taught positional copying: the model then
     copied a secret's later digits well but never learned to find the record by
@@ -102,7 +104,7 @@ def pair_docs(rng, names, n, most=8):
     for _ in range(n):
         k = rng.randint(2, most)
         chosen = rng.sample(names, k)
-        value = {name: str(rng.randrange(10)) for name in chosen}
+        value = {name: f"{rng.randrange(10000):04d}" for name in chosen}
         segments = [{"text": "pairs" + "".join(f" {name} {value[name]}" for name in chosen) + " . again", "target": False}]
         rng.shuffle(chosen)
         for name in chosen:
