@@ -26,8 +26,17 @@ struct Server {
 
 impl Server {
     fn start(model: &Path, data: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kframe"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+        Self::start_on(Some(model), data, extra)
+    }
+
+    /// `model` None: the embedded model.
+    fn start_on(model: Option<&Path>, data: &Path, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kframe"));
+        cmd.args(["serve", "--data-dir", data.to_str().unwrap()]);
+        if let Some(model) = model {
+            cmd.args(["--model", model.to_str().unwrap()]);
+        }
+        let mut child = cmd
             .args(["--addr", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::piped())
@@ -291,9 +300,15 @@ fn sessions_continue_on_the_cache_and_another_tenants_session_is_a_404() {
 }
 
 #[test]
-fn a_hundred_tenants_in_parallel_continue_only_their_own_sessions() {
-    let f = fixture();
-    let server = std::sync::Arc::new(Server::start(&f.model, &f.data, &[]));
+fn a_hundred_tenants_in_parallel_each_recall_their_own_secret_from_their_session() {
+    // The embedded model, which answers from its context.
+    let data = tempfile::tempdir().unwrap();
+    let server = std::sync::Arc::new(Server::start_on(None, data.path(), &[]));
+    let names: Vec<&str> = include_str!("../host/src/corpus/names.txt")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    let secret = |i: usize| format!("{:04}", 1000 + i * 37);
     let tenants: Vec<(String, String, String)> = (0..100)
         .map(|i| {
             let key = server.tenant(&format!("t{i}"));
@@ -305,31 +320,42 @@ fn a_hundred_tenants_in_parallel_continue_only_their_own_sessions() {
     let workers: Vec<_> = (0..10)
         .map(|w| {
             let (server, tenants) = (server.clone(), tenants.clone());
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
             std::thread::spawn(move || {
+                let mut texts = Vec::new();
                 for i in (w..100).step_by(10) {
-                    let (name, key, session) = &tenants[i];
-                    let stored = format!("user secret of {name} {:04} .", 1000 + i * 37);
+                    let (tenant, key, session) = &tenants[i];
+                    let name = &names[i % names.len()];
+                    let stored = format!("a storm knocked down the old oak . user secret of {name} {} .", secret(i));
                     let body = json!({"prompt": stored, "max_tokens": 2, "temperature": 0, "session": session});
                     assert_eq!(server.post("/v1/completions", key, &body).status, 200);
                     let ask = format!("{stored} query secret of {name}");
-                    let body = json!({"prompt": ask, "max_tokens": 5, "temperature": 0, "session": session});
+                    let body = json!({"prompt": ask, "max_tokens": 1, "temperature": 0, "session": session});
                     let in_session = server.post("/v1/completions", key, &body).json();
                     assert!(in_session["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+                    let text = in_session["choices"][0]["text"].as_str().unwrap().to_owned();
+                    assert_eq!(text.trim(), secret(i), "{tenant} did not get its secret back");
+                    texts.push((i, text));
                     // The cached context is this tenant's own: continuing it gives
                     // exactly what a fresh run of the whole prompt in its frame gives.
                     let fresh =
-                        server.post("/v1/completions", key, &json!({"prompt": ask, "max_tokens": 5, "temperature": 0}));
-                    assert_eq!(in_session["choices"][0]["text"], fresh.json()["choices"][0]["text"], "{name}");
+                        server.post("/v1/completions", key, &json!({"prompt": ask, "max_tokens": 1, "temperature": 0}));
+                    assert_eq!(in_session["choices"][0]["text"], fresh.json()["choices"][0]["text"], "{tenant}");
                     // The neighbour's session is out of reach.
                     let other = &tenants[(i + 1) % 100].2;
                     let body = json!({"prompt": ask, "max_tokens": 1, "session": other});
-                    assert_eq!(server.post("/v1/completions", key, &body).status, 404, "{name}");
+                    assert_eq!(server.post("/v1/completions", key, &body).status, 404, "{tenant}");
                 }
+                texts
             })
         })
         .collect();
-    for w in workers {
-        w.join().unwrap();
+    let texts: Vec<(usize, String)> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    assert_eq!(texts.len(), 100);
+    for (i, text) in &texts {
+        for j in (0..100).filter(|j| j != i) {
+            assert!(!text.contains(&secret(j)), "tenant t{i}'s answer {text:?} holds t{j}'s secret");
+        }
     }
 }
 
