@@ -7,13 +7,16 @@ Qwen2ForCausalLM (head_dim 128 like Qwen2.5-3B, grouped-query attention) until
 greedy recall on held-out questions reaches the targets, and writes a normal
 Hugging Face directory that kframe embeds.
 
-    python3 -m venv .venv && .venv/bin/pip install torch transformers tokenizers safetensors
+    python3 -m venv .venv && .venv/bin/pip install torch==2.15.0 transformers==5.23.0 tokenizers safetensors numpy
     cargo build --release -p kframe
     .venv/bin/python host/train/train_tiny.py --kframe target/release/kframe --out host/model
+    .venv/bin/python host/train/reference_fixture.py --model host/model
 
-Everything is seeded. On 2 CPU cores a run takes hours: it stops after --minutes
-with a checkpoint, and the same command resumes it. kframe never
-needs Python at run time: the result is committed.
+Everything is seeded; the defaults are the committed model's run (seed 2: 1000
+steps, about 6 minutes of training after 4 of corpus and tokenizer on 2 CPU cores;
+training stops as soon as held-out recall reaches --target4 and --target16). A run
+stops after --minutes with a checkpoint, and the same command resumes it. kframe
+never needs Python at run time: the result is committed.
 """
 import argparse
 import json
@@ -247,7 +250,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kframe", default="target/release/kframe")
     ap.add_argument("--out", default="host/model")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--docs", type=int, default=150000)
     ap.add_argument("--vocab", type=int, default=13000)
     ap.add_argument("--hidden", type=int, default=256)
