@@ -86,7 +86,7 @@ const MASTER: [u8; 32] = [0x5e; 32];
 /// (written to a temporary directory, which the returned guard keeps alive).
 pub(super) fn model_dir() -> crate::Result<(ModelDir, String, Option<tempfile::TempDir>)> {
     if let Ok(dir) = ModelDir::embedded() {
-        return Ok((dir, "embedded".into(), None));
+        return Ok((dir, "kframe-tiny (embedded)".into(), None));
     }
     let tmp = tempfile::tempdir()?;
     let cfg = synth::tiny_config();

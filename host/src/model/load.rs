@@ -41,8 +41,8 @@ enum Bytes {
 }
 
 /// kframe's own model (host/model/, trained by host/train/train_tiny.py), compiled
-/// in so that kframe runs with no `--model`. Behind the `embedded-model` feature
-/// until a trained model that meets its recall targets is committed.
+/// in so that kframe runs with no `--model` (the default `embedded-model` feature;
+/// a build without it needs `--model`).
 #[cfg(feature = "embedded-model")]
 mod embedded {
     macro_rules! file {
