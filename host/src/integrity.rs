@@ -128,14 +128,6 @@ pub struct Findings {
     pub events: Vec<IsolationEvent>,
 }
 
-impl Findings {
-    pub fn merge(&mut self, other: Findings) {
-        self.blocks_verified += other.blocks_verified;
-        self.blocks_masked += other.blocks_masked;
-        self.events.extend(other.events);
-    }
-}
-
 /// What one request's attention checked, for its response and the isolation
 /// report: the layers verified, the layers the depth-gate left unchecked.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

@@ -623,11 +623,7 @@ impl State {
             let n = seq.unfilled.len().min(budget);
             let chunk: Vec<u32> = seq.unfilled.drain(..n).collect();
             let out = self.gen.model.forward(&chunk, &mut seq.cache, &seq.frame, self.cfg.variant);
-            let findings = seq.cache.take_findings();
-            seq.isolation.add(&findings);
-            Metrics::add(&self.metrics.blocks_verified, findings.blocks_verified);
-            self.metrics.record_events(findings.events);
-            let seq = &mut self.active[i];
+            record_findings(&self.metrics, seq);
             Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
             Metrics::add(&self.metrics.prompt_tokens_prefilled, n as u64);
             budget -= n;
@@ -671,11 +667,7 @@ impl State {
         let out = self.gen.model.decode_batch(&mut batch, self.cfg.variant);
         drop(batch);
         for &i in &ready {
-            let seq = &mut self.active[i];
-            let findings = seq.cache.take_findings();
-            seq.isolation.add(&findings);
-            Metrics::add(&self.metrics.blocks_verified, findings.blocks_verified);
-            self.metrics.record_events(findings.events);
+            record_findings(&self.metrics, &mut self.active[i]);
         }
         Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
         Metrics::add(&self.metrics.decode_steps, 1);
@@ -874,6 +866,15 @@ impl State {
 
 /// Tokens `cached` shares with the start of `prompt`, leaving at least one prompt
 /// token to run (its logits start the generation).
+/// Moves what the corrective layer found in a sequence's cache during the last
+/// forward pass into its report and the engine's metrics.
+fn record_findings(metrics: &Metrics, seq: &mut Seq) {
+    let findings = seq.cache.take_findings();
+    seq.isolation.add(&findings);
+    Metrics::add(&metrics.blocks_verified, findings.blocks_verified);
+    metrics.record_events(findings.events);
+}
+
 fn common_prefix(cached: &[u32], prompt: &[u32]) -> usize {
     cached.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len().saturating_sub(1))
 }
