@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds every policy plugin, and the example policy, as wasm32-wasip2 components
+# Builds every plugin (policies and adversaries), and the examples, as wasm32-wasip2 components
 # (target/wasm32-wasip2/plugin/kframe_*.wasm), installing the target if missing.
 # Each plugin is built on its own: a component must carry exactly its own world's
 # type information, and cargo would unify the SDK's world features across a
@@ -15,5 +15,6 @@ for manifest in plugins/*/Cargo.toml; do
     name=$(sed -n 's/^name = "\(.*\)"$/\1/p' "$manifest" | head -n 1)
     cargo build --quiet --profile plugin --target wasm32-wasip2 -p "$name"
 done
-# The example is a crate of its own, as a third party's would be.
+# The examples are crates of their own, as a third party's would be.
 cargo build --quiet --release --target wasm32-wasip2 --manifest-path examples/fifo-eviction/Cargo.toml
+cargo build --quiet --release --target wasm32-wasip2 --manifest-path examples/most-frequent-probe/Cargo.toml

@@ -219,3 +219,31 @@ fn bench_plugins_json_has_the_median_fields() {
         assert!(r[field].as_f64().is_some_and(|v| v > 0.0), "{field} in {r}");
     }
 }
+
+#[test]
+fn a_third_party_adversary_from_examples_runs_through_probe_and_is_scored() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/most-frequent-probe/target/wasm32-wasip2/release/most_frequent_probe.wasm");
+    assert!(example.exists(), "{} is built by scripts/build-plugins.sh", example.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["eval", "attack", "--tenants", "4", "--no-reference", "--out", tmp.path().to_str().unwrap()];
+    let out = kframe(&[&args[..], &["--probe", example.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("| most-frequent | co-tenant | 0 |"), "{}", stdout(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("report.json")).unwrap()).unwrap();
+    let rows = report.pointer("/attack/reconstruction").and_then(|r| r.as_array()).unwrap();
+    assert_eq!(rows.len(), 2, "one row per layer of the embedded model");
+    for row in rows {
+        assert_eq!(row["probe"], "most-frequent");
+        assert_eq!(row["failed_calls"], 0);
+        assert!(row["positions"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn eval_spot_check_without_a_readout_says_to_run_the_readout_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = kframe(&["eval", "spot-check", "--tenants", "4", "--out", tmp.path().to_str().unwrap()]);
+    assert_clean_error(&out, "kframe eval readout");
+}

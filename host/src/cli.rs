@@ -213,6 +213,56 @@ pub enum EvalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Every tenant with its own key behind a shared prefix: PASS-CLEAN count.
+    Matched(SuiteArgs),
+    /// Each tenant reads a neighbour's cache with its own key (T = 2 .. N).
+    WrongKey(SuiteArgs),
+    /// Cosine between real K rows and their cross-key readouts; writes the
+    /// spot-check's pre-registered pairs.
+    Readout(SuiteArgs),
+    /// Runs the readout's highest-cosine pairs as wrong-key reads.
+    SpotCheck(SuiteArgs),
+    /// Adversary components: reconstruction, membership, known-plaintext Procrustes.
+    Attack(SuiteArgs),
+    /// Every experiment above, in order, into one report.
+    All(SuiteArgs),
+}
+
+/// The options every experiment of the isolation eval shares.
+#[derive(Args)]
+pub struct SuiteArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 100)]
+    pub tenants: usize,
+    /// Private records (name and secret) per tenant.
+    #[arg(long, default_value_t = 4)]
+    pub records: usize,
+    /// Readout samples: (reader, writer) pairs, each with one real K row
+    /// [default: 1000 per tenant, at most 1,000,000].
+    #[arg(long)]
+    pub pairs: Option<usize>,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Where report.json, report.md and the figures go.
+    #[arg(long, default_value = "eval-report")]
+    pub out: PathBuf,
+    /// An adversary component (world kframe:probe/adversary) to run beside the
+    /// shipped ones; repeatable.
+    #[arg(long = "probe", value_name = "FILE.wasm")]
+    pub probes: Vec<PathBuf>,
+    /// Run only the --probe components, not the shipped reference adversaries.
+    #[arg(long)]
+    pub no_reference: bool,
+    /// Victims the co-tenant adversaries attack [default: all tenants, at most 250].
+    #[arg(long)]
+    pub victims: Option<usize>,
+    /// Victims whose key the Procrustes sweep recovers.
+    #[arg(long, default_value_t = 4)]
+    pub key_victims: usize,
+    /// Wall-clock limit of one adversary call.
+    #[arg(long, default_value_t = 20_000)]
+    pub probe_deadline_ms: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -268,7 +318,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| e.to_string())
                     .and_then(|bytes| runtime.validate(&name, &bytes, &config).map_err(|e| e.failure.to_string()));
                 match outcome {
-                    Ok(kind) => println!("{name}: ok, implements {kind} (kframe:policy@0.1.0)"),
+                    Ok(kind) => println!("{name}: ok, implements {kind} ({})", kind.package()),
                     Err(reason) => {
                         rejected += 1;
                         println!("{name}: rejected: {reason}");
@@ -297,6 +347,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             report.model = dir.path.display().to_string();
             print_report(&report, json, report.to_text())
         }
+        Command::Eval(EvalCommand::Matched(args)) => suite(eval::suite::Experiment::Matched, args),
+        Command::Eval(EvalCommand::WrongKey(args)) => suite(eval::suite::Experiment::WrongKey, args),
+        Command::Eval(EvalCommand::Readout(args)) => suite(eval::suite::Experiment::Readout, args),
+        Command::Eval(EvalCommand::SpotCheck(args)) => suite(eval::suite::Experiment::SpotCheck, args),
+        Command::Eval(EvalCommand::Attack(args)) => suite(eval::suite::Experiment::Attack, args),
+        Command::Eval(EvalCommand::All(args)) => suite(eval::suite::Experiment::All, args),
         Command::Corpus { seed, docs, recall } => {
             let mut corpus = Corpus::new(seed);
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -328,6 +384,81 @@ fn print_report(report: &impl serde::Serialize, json: bool, text: String) -> any
     } else {
         print!("{text}");
     }
+    Ok(())
+}
+
+/// Progress of the eval on stderr: one bar per experiment.
+struct Bars {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl eval::suite::Progress for Bars {
+    fn stage(&mut self, name: &str, total: u64) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        let bar = if total == 0 { indicatif::ProgressBar::new_spinner() } else { indicatif::ProgressBar::new(total) };
+        let style = indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed} {msg}")
+            .expect("a valid template");
+        bar.set_style(if total == 0 { indicatif::ProgressStyle::default_spinner() } else { style });
+        bar.set_prefix(name.to_owned());
+        bar.enable_steady_tick(std::time::Duration::from_millis(500));
+        self.bar = Some(bar);
+    }
+    fn advance(&mut self, n: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(n);
+        }
+    }
+    fn note(&mut self, msg: &str) {
+        match &self.bar {
+            Some(bar) => bar.set_message(msg.to_owned()),
+            None => eprintln!("eval: {msg}"),
+        }
+    }
+}
+
+fn suite(experiment: eval::suite::Experiment, args: SuiteArgs) -> anyhow::Result<()> {
+    use eval::attack::{AttackOptions, ProbeSource, REFERENCE};
+    let (dir, generator) = load(&args.model)?;
+    let name = match args.model.model {
+        None => "kframe-tiny (embedded)".to_owned(),
+        Some(_) => dir.path.display().to_string(),
+    };
+    let mut probes = Vec::new();
+    if !args.no_reference {
+        for probe in REFERENCE {
+            let path = crate::plugin::shipped(probe);
+            let source = ProbeSource::file(&path).map_err(|e| {
+                anyhow::anyhow!("{}: {e} (build the shipped plugins: scripts/build-plugins.sh)", path.display())
+            })?;
+            probes.push(source);
+        }
+    }
+    for path in &args.probes {
+        probes.push(ProbeSource::file(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?);
+    }
+    let opts = eval::suite::EvalOptions {
+        experiment,
+        tenants: args.tenants,
+        records: args.records,
+        pairs: args.pairs.unwrap_or((1000 * args.tenants).min(1_000_000)),
+        seed: args.seed,
+        out: args.out.clone(),
+        attack: AttackOptions {
+            probes,
+            victims: args.victims.unwrap_or(args.tenants.min(250)),
+            key_victims: args.key_victims,
+            deadline: std::time::Duration::from_millis(args.probe_deadline_ms),
+        },
+    };
+    let mut bars = Bars { bar: None };
+    let report = eval::suite::run(&generator, &name, &opts, &mut bars)?;
+    if let Some(bar) = bars.bar.take() {
+        bar.finish_and_clear();
+    }
+    print!("{}", eval::report::markdown(&report));
+    eprintln!("wrote {}", args.out.join("report.md").display());
     Ok(())
 }
 

@@ -38,6 +38,9 @@ pub enum Error {
     #[error("secret file {path}: {reason}")]
     Secret { path: PathBuf, reason: String },
 
+    #[error("eval: {0}")]
+    Eval(String),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 

@@ -1,6 +1,22 @@
 //! `kframe eval`: measured claims about isolation, on kframe's own engine.
+//!
+//! - [`lab`]: the population every experiment runs on.
+//! - [`matched`], [`wrong_key`] (and the spot-check), [`readout`], [`attack`]: the
+//!   experiments; [`recall`]: the simpler recall table.
+//! - [`suite`]: runs the chosen experiments and writes the report.
+//! - [`stats`]: intervals, AUC, goodness of fit. [`report`]: report.md and the
+//!   figures (drawn in `plot`).
 
+pub mod attack;
+pub mod lab;
+pub mod matched;
+mod plot;
+pub mod readout;
 pub mod recall;
+pub mod report;
+pub mod stats;
+pub mod suite;
+pub mod wrong_key;
 
 /// The rule-of-three 95% upper bound on a rate when `hits` of `n` trials
 /// succeeded: 3/n for zero hits, else the normal approximation (Wilson's would be

@@ -10,6 +10,8 @@
 //! - [`world`]: the three worlds' bindings behind one small trait.
 //! - [`fallback`]: the native policies that decide whenever a plugin cannot.
 //! - [`set`]: [`PolicySet`], the live policies, their swaps, checks and fallbacks.
+//! - [`probe`]: adversaries for the eval harness, linked with only the
+//!   capabilities an experiment grants.
 //!
 //! A plugin gets no filesystem, network, clock or randomness: every import it has
 //! beyond its world traps when called. Each call runs under an epoch deadline and a
@@ -19,6 +21,7 @@
 //! and after `max_failures` consecutive failures the plugin is quarantined.
 
 pub mod fallback;
+pub mod probe;
 pub mod runtime;
 pub mod set;
 pub mod world;
@@ -29,13 +32,17 @@ pub use world::types::{Admission, Entry, LayerGate, Load, ModelShape, Request};
 
 use std::fmt;
 
-/// The policy worlds of `kframe:policy@0.1.0`.
+/// The worlds a plugin implements: the policy worlds of `kframe:policy@0.1.0`,
+/// and the adversary world of `kframe:probe@0.1.0` (not a serving policy: the
+/// eval harness runs it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyKind {
     Admission,
     Eviction,
     DepthGate,
+    #[value(skip)]
+    Adversary,
 }
 
 impl PolicyKind {
@@ -46,6 +53,14 @@ impl PolicyKind {
             PolicyKind::Admission => "admission-policy",
             PolicyKind::Eviction => "eviction-policy",
             PolicyKind::DepthGate => "depth-gate-policy",
+            PolicyKind::Adversary => "adversary",
+        }
+    }
+
+    pub fn package(self) -> &'static str {
+        match self {
+            PolicyKind::Adversary => "kframe:probe@0.1.0",
+            _ => "kframe:policy@0.1.0",
         }
     }
 }
@@ -105,7 +120,7 @@ impl fmt::Display for Failure {
             Failure::Malformed(detail) => write!(f, "not a valid component: {detail}"),
             Failure::WrongWorld { expected, found: Some(found) } => write!(f, "implements {found}, not {expected}"),
             Failure::WrongWorld { expected, found: None } => {
-                write!(f, "implements no kframe:policy world (expected {expected})")
+                write!(f, "implements no kframe world (expected {expected})")
             }
             Failure::InvalidAnswer(detail) => write!(f, "invalid answer: {detail}"),
             Failure::Config(detail) => write!(f, "refused its configuration: {detail}"),

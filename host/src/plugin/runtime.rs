@@ -30,11 +30,13 @@ impl Default for Limits {
     }
 }
 
-/// The store data of a plugin instance: its memory limiter.
+/// The store data of a plugin instance: its memory limiter, and for an adversary
+/// the capabilities its experiment grants.
 pub struct Sandbox {
     memory_limit: usize,
     /// Set when the instance asked for memory beyond its limit.
     denied_growth: bool,
+    pub grants: super::probe::Grants,
 }
 
 impl ResourceLimiter for Sandbox {
@@ -83,22 +85,42 @@ impl PluginRuntime {
         Ok(Arc::new(Self { engine, limits }))
     }
 
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     fn store(&self) -> Store<Sandbox> {
-        let mut store =
-            Store::new(&self.engine, Sandbox { memory_limit: self.limits.memory_bytes, denied_growth: false });
+        let sandbox = Sandbox {
+            memory_limit: self.limits.memory_bytes,
+            denied_growth: false,
+            grants: super::probe::Grants::default(),
+        };
+        let mut store = Store::new(&self.engine, sandbox);
         store.limiter(|s| s);
         store
     }
 
     /// Compiles `bytes` and links it with nothing but traps for its imports.
     fn link(&self, name: &str, bytes: &[u8]) -> Result<(Component, Linker<Sandbox>), PluginError> {
+        self.link_granting(name, bytes, |_, _| Ok(()))
+    }
+
+    /// Compiles `bytes`, lets `grant` link the capabilities it grants (it may
+    /// refuse the component, having seen it), and links traps for every other import.
+    pub(crate) fn link_granting(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        grant: impl FnOnce(&Component, &mut Linker<Sandbox>) -> Result<(), Failure>,
+    ) -> Result<(Component, Linker<Sandbox>), PluginError> {
         let err = |failure| PluginError { plugin: name.to_owned(), failure };
         if bytes.starts_with(b"\0asm\x01\0\0\0") {
             return Err(err(Failure::Malformed("a core WebAssembly module, not a component".into())));
         }
         let component = Component::new(&self.engine, bytes).map_err(|e| err(Failure::Malformed(format!("{e:#}"))))?;
         let mut linker = Linker::new(&self.engine);
-        // No capability is granted: WASI and anything else the guest imports
+        grant(&component, &mut linker).map_err(err)?;
+        // No other capability is granted: WASI and anything else the guest imports
         // traps when called (std guests import wasi:cli and wasi:io they never use).
         linker.define_unknown_imports_as_traps(&component).map_err(|e| err(Failure::Malformed(format!("{e:#}"))))?;
         Ok((component, linker))
@@ -114,11 +136,14 @@ impl PluginRuntime {
             PolicyKind::Admission
         } else if world::Eviction::pre(pre.clone()).is_ok() {
             PolicyKind::Eviction
-        } else if world::DepthGate::pre(pre).is_ok() {
+        } else if world::DepthGate::pre(pre.clone()).is_ok() {
             PolicyKind::DepthGate
+        } else if world::Adversary::pre(pre).is_ok() {
+            PolicyKind::Adversary
         } else {
             // No world was asked for here, so there is no "expected" to report.
-            let failure = Failure::Malformed("a component, but it implements no kframe:policy@0.1.0 world".into());
+            let detail = "a component, but it implements no kframe:policy@0.1.0 or kframe:probe@0.1.0 world";
+            let failure = Failure::Malformed(detail.into());
             return Err(PluginError { plugin: name.into(), failure });
         };
         Ok(kind)
@@ -171,6 +196,11 @@ impl PluginRuntime {
                     four,
                 )?;
             }
+            PolicyKind::Adversary => {
+                // Checked with every capability linked; an experiment links fewer.
+                let all = super::probe::Capability::ALL;
+                super::probe::Probe::load(self, name, bytes, config, &all)?;
+            }
         }
         Ok(kind)
     }
@@ -179,6 +209,18 @@ impl PluginRuntime {
     /// runs its `configure`: everything that can fail before it serves.
     pub fn load<W: World>(self: &Arc<Self>, name: &str, bytes: &[u8], config: &str) -> Result<Loaded<W>, PluginError> {
         let (component, linker) = self.link(name, bytes)?;
+        self.load_linked(name, bytes, config, component, linker)
+    }
+
+    /// [`PluginRuntime::load`] for a component already compiled and linked.
+    pub(crate) fn load_linked<W: World>(
+        self: &Arc<Self>,
+        name: &str,
+        bytes: &[u8],
+        config: &str,
+        component: Component,
+        linker: Linker<Sandbox>,
+    ) -> Result<Loaded<W>, PluginError> {
         let err = |failure| PluginError { plugin: name.to_owned(), failure };
         let pre = linker.instantiate_pre(&component).map_err(|e| err(Failure::Malformed(format!("{e:#}"))))?;
         let pre = match W::pre(pre) {

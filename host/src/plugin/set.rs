@@ -4,7 +4,7 @@
 use super::fallback::{self, EntryMirror};
 use super::runtime::{Loaded, PluginRuntime};
 use super::world::{self, World};
-use super::{Admission, Entry, LayerGate, Load, ModelShape, PluginError, PolicyKind, Request};
+use super::{Admission, Entry, Failure, LayerGate, Load, ModelShape, PluginError, PolicyKind, Request};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -150,6 +150,10 @@ impl PolicySet {
                 loaded.notify(|_, _| Ok(()), replay(&mirror))?;
                 self.eviction.set(Some(loaded));
             }
+            PolicyKind::Adversary => {
+                let detail = "an adversary is run by `kframe eval`, it is not a serving policy".into();
+                return Err(PluginError { plugin: name.into(), failure: Failure::Malformed(detail) });
+            }
         }
         tracing::info!(%kind, plugin = name, "policy swapped in");
         Ok(())
@@ -161,6 +165,7 @@ impl PolicySet {
             PolicyKind::Admission => self.admission.set(None),
             PolicyKind::Eviction => self.eviction.set(None),
             PolicyKind::DepthGate => self.depth_gate.set(None),
+            PolicyKind::Adversary => {}
         }
     }
 

@@ -1,5 +1,6 @@
-//! The three policy worlds' host bindings (wasmtime `bindgen!` over `wit/policy`)
-//! behind one trait, so loading, configuring and calling are written once.
+//! The host bindings of the three policy worlds (wasmtime `bindgen!` over
+//! `wit/policy`) and of the adversary world (`wit/probe`), behind one trait, so
+//! loading, configuring and calling are written once.
 
 use super::runtime::Sandbox;
 use super::PolicyKind;
@@ -28,8 +29,17 @@ mod depth_gate {
     });
 }
 
+mod adversary {
+    wasmtime::component::bindgen!({
+        path: "../wit/probe",
+        world: "adversary",
+    });
+}
+
 pub use admission::kframe::policy::types;
 pub use admission::{AdmissionPolicy, AdmissionPolicyPre};
+pub use adversary::kframe::probe::{known_pairs, model_oracle, types as probe_types};
+pub use adversary::{Adversary as AdversaryBindings, AdversaryPre};
 pub use depth_gate::{DepthGatePolicy, DepthGatePolicyPre};
 pub use eviction::{EvictionPolicy, EvictionPolicyPre};
 
@@ -73,3 +83,4 @@ macro_rules! world {
 world!(Admission, Admission, AdmissionPolicyPre, AdmissionPolicy);
 world!(Eviction, Eviction, EvictionPolicyPre, EvictionPolicy);
 world!(DepthGate, DepthGate, DepthGatePolicyPre, DepthGatePolicy);
+world!(Adversary, Adversary, AdversaryPre, AdversaryBindings);

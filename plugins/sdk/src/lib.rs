@@ -1,10 +1,12 @@
-//! The guest side of kframe's policy plugins.
+//! The guest side of kframe's plugins: policies and adversaries.
 //!
 //! A policy is a type that implements one trait ([`AdmissionPolicy`],
 //! [`EvictionPolicy`] or [`DepthGatePolicy`]) and registers it with the matching
-//! macro; the crate is built with `cargo build --release --target wasm32-wasip2` and
+//! macro (an adversary implements [`Adversary`] and registers it with
+//! `register_adversary!`); the crate is built with `cargo build --release --target wasm32-wasip2` and
 //! the resulting `.wasm` is a component kframe loads. Enable the feature of the
-//! world you implement (`admission`, `eviction` or `depth-gate`), one per crate.
+//! world you implement (`admission`, `eviction`, `depth-gate` or `adversary`), one per
+//! crate.
 //!
 //! ```ignore
 //! use kframe_policy_sdk::{register_eviction, EntryTable, EvictionPolicy};
@@ -65,8 +67,26 @@ pub mod depth_gate {
     });
 }
 
+#[cfg(feature = "adversary")]
+pub mod adversary {
+    wit_bindgen::generate!({
+        path: "../../wit/probe",
+        world: "adversary",
+        pub_export_macro: true,
+        export_macro_name: "export_adversary_world",
+        default_bindings_module: "kframe_policy_sdk::adversary",
+    });
+}
+
 #[cfg(feature = "admission")]
 pub use admission::{Admission, Load, Request};
+/// Capabilities are imports: an adversary that calls `known_pairs::pairs` or
+/// `model_oracle::plain_k` imports them, and runs only in experiments that grant them.
+#[cfg(feature = "adversary")]
+pub use adversary::kframe::probe::{
+    known_pairs, model_oracle,
+    types::{About, Guess, OwnVector, Task, Vector, View},
+};
 #[cfg(feature = "depth-gate")]
 pub use depth_gate::{LayerGate, ModelShape};
 #[cfg(feature = "eviction")]
@@ -194,6 +214,67 @@ pub trait EvictionPolicy: Default + 'static {
     }
     /// Unpinned live entries to evict, in order, freeing at least `bytes_needed`.
     fn victims(&mut self, bytes_needed: u64, now: u64) -> Vec<u64>;
+}
+
+/// An attack on kframe's rotation substrate (world `kframe:probe/adversary`).
+/// Like a policy, it runs with no filesystem, clock or randomness: std's
+/// `HashMap` seeds itself from randomness and traps here, so use a `BTreeMap`
+/// (or a fixed hasher).
+#[cfg(feature = "adversary")]
+pub trait Adversary: Default + 'static {
+    fn configure(&mut self, _config: &str) -> Result<(), String> {
+        Ok(())
+    }
+    /// Its name and the tasks it answers.
+    fn about(&self) -> About;
+    fn attack(&mut self, view: View) -> Result<Guess, String>;
+}
+
+/// Cosine similarity of two rows (0 when either is zero).
+#[cfg(feature = "adversary")]
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        ab += (*x as f64) * (*y as f64);
+        aa += (*x as f64) * (*x as f64);
+        bb += (*y as f64) * (*y as f64);
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        (ab / (aa.sqrt() * bb.sqrt())) as f32
+    }
+}
+
+/// Euclidean norm of a row.
+#[cfg(feature = "adversary")]
+pub fn norm(a: &[f32]) -> f32 {
+    a.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt() as f32
+}
+
+/// Exports a type implementing [`Adversary`] as the component's adversary.
+#[cfg(feature = "adversary")]
+#[macro_export]
+macro_rules! register_adversary {
+    ($probe:ty) => {
+        thread_local! {
+            static KFRAME_PROBE: ::std::cell::RefCell<$probe> = ::std::cell::RefCell::new(<$probe>::default());
+        }
+        struct KframeAdversary;
+        impl $crate::adversary::Guest for KframeAdversary {
+            fn configure(config: String) -> Result<(), String> {
+                $crate::quiet_panics();
+                KFRAME_PROBE.with(|p| $crate::Adversary::configure(&mut *p.borrow_mut(), &config))
+            }
+            fn about() -> $crate::About {
+                KFRAME_PROBE.with(|p| $crate::Adversary::about(&*p.borrow()))
+            }
+            fn attack(view: $crate::View) -> Result<$crate::Guess, String> {
+                KFRAME_PROBE.with(|p| $crate::Adversary::attack(&mut *p.borrow_mut(), view))
+            }
+        }
+        $crate::adversary::export_adversary_world!(KframeAdversary);
+    };
 }
 
 /// Exports a type implementing [`AdmissionPolicy`] as the component's policy.

@@ -1,0 +1,658 @@
+//! `attack`: adversaries as Wasm components (world `kframe:probe/adversary`)
+//! against kframe's caches. Three experiments, each granting capabilities:
+//!
+//! - co-tenant (grants nothing): the attacker reads a victim's rotated rows and
+//!   its own session's (it sent tokens of its choosing, every membership candidate
+//!   among them). Tasks: reconstruct the victim's tokens; membership of candidate
+//!   secrets.
+//! - open-weights (grants `model-oracle`): as co-tenant, plus plaintext K of any
+//!   token. Only for adversaries that import the oracle.
+//! - known-plaintext (grants `known-pairs`): n pairs (k, R k) of the victim's key,
+//!   as a public prefix under `rotate-copy` exposes; n swept from 1 to 2d. Task:
+//!   recover R (orthogonal Procrustes).
+//!
+//! Each adversary runs each task it answers in the least-privileged experiment it
+//! loads in. The host scores every guess against ground truth the component never
+//! sees. A component that traps, loops or answers nonsense is stopped and
+//! reported; the rest of the eval goes on.
+
+use super::lab::Lab;
+use super::stats::{auc, tpr_at_fpr, wilson95};
+use crate::error::Result;
+use crate::plugin::probe::{Capability, Grants, Guess, Oracle, OwnVector, Pair, Probe, Task, Vector, View};
+use crate::plugin::{Limits, PluginError, PluginRuntime};
+use crate::rotation::Frame;
+use candle_core::{DType, Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// An adversary to run: its component and configuration.
+#[derive(Clone)]
+pub struct ProbeSource {
+    pub name: String,
+    pub bytes: Vec<u8>,
+    pub config: String,
+}
+
+impl ProbeSource {
+    pub fn file(path: &std::path::Path) -> std::io::Result<Self> {
+        Ok(Self { name: path.display().to_string(), bytes: std::fs::read(path)?, config: String::new() })
+    }
+}
+
+/// The shipped reference adversaries.
+pub const REFERENCE: [&str; 5] = ["crossframe-match", "norm-match", "membership", "procrustes", "norm-oracle"];
+
+#[derive(Clone)]
+pub struct AttackOptions {
+    pub probes: Vec<ProbeSource>,
+    /// Victims attacked in the co-tenant experiments.
+    pub victims: usize,
+    /// Victims whose key the Procrustes sweep recovers.
+    pub key_victims: usize,
+    /// Wall-clock budget of one `attack` call.
+    pub deadline: Duration,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Failures {
+    pub failed_calls: usize,
+    pub first_error: Option<String>,
+    /// Stopped after consecutive failures; later calls were not made.
+    pub quarantined: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReconstructionRow {
+    pub probe: String,
+    pub experiment: &'static str,
+    pub layer: usize,
+    pub positions: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+    pub ci95: (f64, f64),
+    /// The same guesses shuffled among each victim's positions (chance).
+    pub baseline: f64,
+    /// The 95% interval of accuracy minus baseline (clustered by victim) holds 0.
+    pub at_baseline: bool,
+    /// The victim's secrets alone.
+    pub secret_positions: usize,
+    pub secret_correct: usize,
+    #[serde(flatten)]
+    pub failures: Failures,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MembershipRow {
+    pub probe: String,
+    pub experiment: &'static str,
+    pub layer: usize,
+    pub positives: usize,
+    pub negatives: usize,
+    pub auc: f64,
+    pub auc_ci95: (f64, f64),
+    pub tpr_at_fpr_0_001: f64,
+    pub tpr_ci95: (f64, f64),
+    #[serde(flatten)]
+    pub failures: Failures,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProcrustesPoint {
+    pub pairs: usize,
+    /// |R_est - R|_F / |R|_F, mean over victims.
+    pub key_error: f64,
+    pub key_error_max: f64,
+    /// Share of the victims' private K rows decrypted with R_est to cosine >= 0.99.
+    pub decrypt_accuracy: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProcrustesRow {
+    pub probe: String,
+    pub layer: usize,
+    pub head_dim: usize,
+    pub victims: usize,
+    pub points: Vec<ProcrustesPoint>,
+    #[serde(flatten)]
+    pub failures: Failures,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Refusal {
+    pub probe: String,
+    pub task: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttackReport {
+    pub victims: usize,
+    pub reconstruction: Vec<ReconstructionRow>,
+    pub membership: Vec<MembershipRow>,
+    pub procrustes: Vec<ProcrustesRow>,
+    /// Adversaries (or tasks) that could not run, and why.
+    pub refused: Vec<Refusal>,
+}
+
+/// What each experiment grants, least privileged first.
+fn experiments(task: Task) -> &'static [(&'static str, &'static [Capability])] {
+    match task {
+        Task::Reconstruct | Task::Membership => &[("co-tenant", &[]), ("open-weights", &[Capability::ModelOracle])],
+        Task::KeyRecovery => &[("known-plaintext", &[Capability::KnownPairs])],
+    }
+}
+
+/// The runtime adversaries run in: policy sandbox, attack-sized budgets.
+pub fn runtime(deadline: Duration) -> anyhow::Result<Arc<PluginRuntime>> {
+    let limits = Limits { deadline, fuel: u64::MAX / 4, memory_bytes: 512 << 20, max_failures: 3 };
+    PluginRuntime::new(limits, None)
+}
+
+/// One victim's observed rows and ground truth at every layer, and its attacker's
+/// session.
+struct Scene {
+    /// Per layer, per kv head: the victim's rotated rows.
+    rows: Vec<Vec<Vec<Vector>>>,
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    /// Per layer, per kv head: the attacker's own rows.
+    mine: Vec<Vec<Vec<OwnVector>>>,
+    candidates: Vec<Vec<u32>>,
+    present: Vec<bool>,
+    secret_tokens: Vec<u32>,
+}
+
+/// (kv, n, d) in any dtype -> per head, n rows of f32.
+fn rows_of(t: &Tensor) -> Result<Vec<Vec<Vec<f32>>>> {
+    let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    (0..t.dim(0)?).map(|h| Ok(t.get(h)?.to_vec2::<f32>()?)).collect()
+}
+
+fn scene(lab: &Lab, victim: usize, rng: &mut impl rand::Rng) -> Result<Scene> {
+    let t = lab.tenants();
+    let attacker = (victim + 1) % t;
+    let case = &lab.cases[victim];
+    let frame = lab.frame(victim)?;
+    let cache = lab.private_cache(victim, &frame, None)?;
+    let offset = lab.prefix.tokens.len();
+    let positions: Vec<u32> = (0..case.context.len()).map(|i| (offset + i) as u32).collect();
+    let mut rows = Vec::new();
+    for layer in 0..lab.layers() {
+        let (k, v) = cache.rotated(layer, case.context.len())?;
+        let (k, v) = (rows_of(&k)?, rows_of(&v)?);
+        rows.push(
+            k.into_iter()
+                .zip(v)
+                .map(|(kh, vh)| {
+                    kh.into_iter()
+                        .zip(vh)
+                        .zip(&positions)
+                        .map(|((k, v), &position)| Vector { position, k, v })
+                        .collect()
+                })
+                .collect(),
+        );
+    }
+
+    // Candidates: the victim's own secrets, and four times as many absent ones.
+    let present_codes = case.secrets.clone();
+    let absent = lab.absent_secrets(4 * present_codes.len().max(1), rng);
+    let mut codes: Vec<(String, bool)> =
+        present_codes.into_iter().map(|c| (c, true)).chain(absent.into_iter().map(|c| (c, false))).collect();
+    codes.shuffle(rng);
+    let names = crate::corpus::names();
+    let mut session_text = String::new();
+    let mut candidates = Vec::new();
+    for (code, _) in &codes {
+        let name = names[rng.random_range(0..names.len())];
+        session_text += &format!(" user secret of {name} {code} .");
+        candidates.push(lab.gen.encode(&format!(" {code}"))?);
+    }
+    // The attacker's session: its own records, then every candidate in a record.
+    let mut sent = lab.cases[attacker].context.clone();
+    sent.extend(lab.gen.encode(&session_text)?);
+    let own_frame = lab.frame(attacker)?;
+    let mut own = lab.empty_cache(&own_frame)?;
+    lab.gen.model.forward(&sent, &mut own, &own_frame, lab.variant)?;
+    let mut mine = Vec::new();
+    for layer in 0..lab.layers() {
+        let (k, v) = own.rotated(layer, sent.len())?;
+        let (k, v) = (rows_of(&k)?, rows_of(&v)?);
+        mine.push(
+            k.into_iter()
+                .zip(v)
+                .map(|(kh, vh)| {
+                    kh.into_iter()
+                        .zip(vh)
+                        .enumerate()
+                        .map(|(i, (k, v))| OwnVector {
+                            token: sent[i],
+                            at: Vector { position: (offset + i) as u32, k, v },
+                        })
+                        .collect()
+                })
+                .collect(),
+        );
+    }
+    let secret_tokens: Vec<u32> =
+        case.secrets.iter().filter_map(|s| lab.gen.encode(&format!(" {s}")).ok()).flatten().collect();
+    Ok(Scene {
+        rows,
+        tokens: case.context.clone(),
+        positions,
+        mine,
+        candidates,
+        present: codes.iter().map(|c| c.1).collect(),
+        secret_tokens,
+    })
+}
+
+fn view(lab: &Lab, s: &Scene, task: Task, layer: usize, head: usize) -> View {
+    View {
+        task,
+        head_dim: lab.head_dim() as u32,
+        vocab_size: lab.gen.model.config().vocab_size as u32,
+        layer: layer as u32,
+        head: head as u32,
+        victim: s.rows[layer][head].clone(),
+        positions: s.positions.clone(),
+        mine: s.mine[layer][head].clone(),
+        candidates: s.candidates.clone(),
+    }
+}
+
+/// Plaintext K of every vocabulary token alone at position 0, per (layer, head):
+/// what an attacker with the weights computes. One batched decode step per chunk.
+fn oracle_table(lab: &Lab) -> Result<HashMap<(u32, u32), Arc<Vec<Vec<f32>>>>> {
+    let model = &lab.gen.model;
+    let vocab = model.config().vocab_size as u32;
+    let mut table: HashMap<(u32, u32), Vec<Vec<f32>>> = HashMap::new();
+    let tokens: Vec<u32> = (0..vocab).collect();
+    for chunk in tokens.chunks(512) {
+        let mut caches: Vec<_> = chunk.iter().map(|_| model.new_cache(Default::default())).collect();
+        let mut seqs: Vec<_> = chunk
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(&token, cache)| crate::model::BatchSeq { token, cache, frame: &Frame::Identity })
+            .collect();
+        model.decode_batch(&mut seqs, lab.variant)?;
+        for cache in &caches {
+            for layer in 0..lab.layers() {
+                for (head, rows) in rows_of(&cache.rotated(layer, 1)?.0)?.into_iter().enumerate() {
+                    table.entry((layer as u32, head as u32)).or_default().extend(rows);
+                }
+            }
+        }
+    }
+    Ok(table.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
+}
+
+fn oracle_for(table: &HashMap<(u32, u32), Arc<Vec<Vec<f32>>>>, layer: usize, head: usize) -> Oracle {
+    let rows = table[&(layer as u32, head as u32)].clone();
+    Arc::new(move |tokens: &[u32]| tokens.iter().map(|&t| rows.get(t as usize).cloned().unwrap_or_default()).collect())
+}
+
+/// Runs `attack` and keeps count of failures; a quarantined probe is not called again.
+fn call(
+    probe: &mut Probe,
+    view: &View,
+    grants: Grants,
+    fails: &mut Failures,
+    check: impl FnOnce(&Guess) -> std::result::Result<(), String>,
+) -> Option<Guess> {
+    if fails.quarantined {
+        fails.failed_calls += 1;
+        return None;
+    }
+    match probe.attack(view, grants, check) {
+        Ok(g) => Some(g),
+        Err(PluginError { failure, .. }) => {
+            fails.failed_calls += 1;
+            fails.quarantined |= matches!(failure, crate::plugin::Failure::Quarantined { .. });
+            fails.first_error.get_or_insert(failure.to_string());
+            None
+        }
+    }
+}
+
+pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> Result<AttackReport> {
+    let runtime = runtime(opts.deadline).map_err(|e| crate::error::Error::Eval(format!("{e:#}")))?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(lab.seed ^ 0xa77a);
+    let victims = opts.victims.clamp(1, lab.tenants());
+    progress("building the victims' and attackers' caches");
+    let scenes: Vec<Scene> = (0..victims).map(|v| scene(lab, v, &mut rng)).collect::<Result<_>>()?;
+    let mut oracle: Option<HashMap<(u32, u32), Arc<Vec<Vec<f32>>>>> = None;
+    let mut report = AttackReport {
+        victims,
+        reconstruction: Vec::new(),
+        membership: Vec::new(),
+        procrustes: Vec::new(),
+        refused: Vec::new(),
+    };
+
+    for source in &opts.probes {
+        // Which tasks it answers: ask with every capability linked.
+        let about = match Probe::load(&runtime, &source.name, &source.bytes, &source.config, &Capability::ALL) {
+            Ok(p) => p.about.clone(),
+            Err(e) => {
+                report.refused.push(Refusal {
+                    probe: source.name.clone(),
+                    task: "any".into(),
+                    reason: e.failure.to_string(),
+                });
+                continue;
+            }
+        };
+        for task in about.tasks.clone() {
+            let mut loaded = None;
+            let mut first_refusal = None;
+            for (experiment, grants) in experiments(task) {
+                match Probe::load(&runtime, &source.name, &source.bytes, &source.config, grants) {
+                    Ok(p) => {
+                        loaded = Some((*experiment, p));
+                        break;
+                    }
+                    Err(e) => {
+                        first_refusal.get_or_insert(e.failure.to_string());
+                    }
+                }
+            }
+            let Some((experiment, mut probe)) = loaded else {
+                let reason = first_refusal.unwrap_or_default();
+                report.refused.push(Refusal { probe: about.name.clone(), task: format!("{task:?}"), reason });
+                continue;
+            };
+            progress(&format!("{} ({experiment}): {task:?}", about.name));
+            if probe.needs.contains(&Capability::ModelOracle) && oracle.is_none() {
+                progress("computing the model oracle (K of every token)");
+                oracle = Some(oracle_table(lab)?);
+            }
+            let granted_oracle = oracle.as_ref().filter(|_| probe.needs.contains(&Capability::ModelOracle));
+            let grants_for = |layer: usize, head: usize| Grants {
+                pairs: Vec::new(),
+                oracle: granted_oracle.map(|t| oracle_for(t, layer, head)),
+            };
+            match task {
+                Task::Reconstruct => {
+                    for layer in 0..lab.layers() {
+                        let row = reconstruction(lab, &scenes, &mut probe, &grants_for, layer);
+                        report.reconstruction.push(ReconstructionRow { probe: about.name.clone(), experiment, ..row });
+                    }
+                }
+                Task::Membership => {
+                    for layer in 0..lab.layers() {
+                        let row = membership(lab, &scenes, &mut probe, &grants_for, layer);
+                        report.membership.push(MembershipRow { probe: about.name.clone(), experiment, ..row });
+                    }
+                }
+                Task::KeyRecovery => {
+                    report.procrustes.extend(procrustes(lab, &mut probe, &about.name, opts.key_victims)?);
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Scores one layer of reconstruction over every victim. Guesses about one
+/// victim are not independent (its rows share one key, and a token's rows are
+/// alike), so the intervals are clustered by victim, and the baseline is the
+/// adversary's own guesses shuffled among that victim's positions: what the same
+/// guesses would score if they carried no information.
+fn reconstruction(
+    lab: &Lab,
+    scenes: &[Scene],
+    probe: &mut Probe,
+    grants_for: &dyn Fn(usize, usize) -> Grants,
+    layer: usize,
+) -> ReconstructionRow {
+    let mut fails = Failures::default();
+    let (mut correct, mut chance, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sn, mut sc) = (0, 0);
+    for s in scenes {
+        for head in 0..lab.kv_heads() {
+            let v = view(lab, s, Task::Reconstruct, layer, head);
+            let want = v.positions.len();
+            let check = |g: &Guess| match g {
+                Guess::Tokens(t) if t.len() == want => Ok(()),
+                Guess::Tokens(t) => Err(format!("{} tokens for {want} positions", t.len())),
+                _ => Err("not a token guess".into()),
+            };
+            let Some(Guess::Tokens(g)) = call(probe, &v, grants_for(layer, head), &mut fails, check) else { continue };
+            let is_secret = |t: &u32| s.secret_tokens.contains(t);
+            let mut freq: HashMap<u32, f64> = HashMap::new();
+            for t in &g {
+                *freq.entry(*t).or_default() += 1.0 / want as f64;
+            }
+            let mut c = 0.0;
+            for (guess, truth) in g.iter().zip(&s.tokens) {
+                sn += is_secret(truth) as usize;
+                if guess == truth {
+                    c += 1.0;
+                    sc += is_secret(truth) as usize;
+                }
+            }
+            correct.push(c);
+            chance.push(s.tokens.iter().map(|t| freq.get(t).copied().unwrap_or(0.0)).sum::<f64>());
+            sizes.push(want as f64);
+        }
+    }
+    let n: f64 = sizes.iter().sum();
+    let (accuracy, ci95) = clustered_rate(&correct, &sizes);
+    let excess: Vec<f64> = correct.iter().zip(&chance).map(|(c, b)| c - b).collect();
+    let (_, excess_ci) = clustered_rate(&excess, &sizes);
+    ReconstructionRow {
+        probe: String::new(),
+        experiment: "",
+        layer,
+        positions: n as usize,
+        correct: correct.iter().sum::<f64>() as usize,
+        accuracy,
+        ci95,
+        baseline: (chance.iter().sum::<f64>() / n.max(1.0)).max(0.0),
+        // No answer at all is a failure, not a result at baseline.
+        at_baseline: n > 0.0 && excess_ci.0 <= 0.0 && 0.0 <= excess_ci.1,
+        secret_positions: sn,
+        secret_correct: sc,
+        failures: fails,
+    }
+}
+
+/// sum(num) / sum(den) with a 95% interval clustered by unit (the ratio
+/// estimator's variance over units).
+fn clustered_rate(num: &[f64], den: &[f64]) -> (f64, (f64, f64)) {
+    let (total, units) = (den.iter().sum::<f64>(), num.len() as f64);
+    if total == 0.0 {
+        return (0.0, (0.0, 0.0));
+    }
+    let rate = num.iter().sum::<f64>() / total;
+    if units < 2.0 {
+        return (rate, (f64::NEG_INFINITY, f64::INFINITY));
+    }
+    let ss: f64 = num.iter().zip(den).map(|(x, n)| (x - rate * n).powi(2)).sum();
+    let half = 1.96 * (units / (units - 1.0) * ss).sqrt() / total;
+    (rate, (rate - half, rate + half))
+}
+
+/// Scores one layer of membership over every victim.
+fn membership(
+    lab: &Lab,
+    scenes: &[Scene],
+    probe: &mut Probe,
+    grants_for: &dyn Fn(usize, usize) -> Grants,
+    layer: usize,
+) -> MembershipRow {
+    let mut fails = Failures::default();
+    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+    for s in scenes {
+        for head in 0..lab.kv_heads() {
+            let v = view(lab, s, Task::Membership, layer, head);
+            let want = v.candidates.len();
+            let check = |g: &Guess| match g {
+                Guess::Scores(x) if x.len() == want && x.iter().all(|f| !f.is_nan()) => Ok(()),
+                Guess::Scores(x) => Err(format!("{} scores (or NaN) for {want} candidates", x.len())),
+                _ => Err("not a score list".into()),
+            };
+            if let Some(Guess::Scores(x)) = call(probe, &v, grants_for(layer, head), &mut fails, check) {
+                for (score, &present) in x.iter().zip(&s.present) {
+                    if present {
+                        pos.push(*score)
+                    } else {
+                        neg.push(*score)
+                    }
+                }
+            }
+        }
+    }
+    let (a, a_ci) = auc(&pos, &neg);
+    let tpr = tpr_at_fpr(&pos, &neg, 0.001);
+    let hits = (tpr * pos.len() as f64).round() as usize;
+    MembershipRow {
+        probe: String::new(),
+        experiment: "",
+        layer,
+        positives: pos.len(),
+        negatives: neg.len(),
+        auc: a,
+        auc_ci95: a_ci,
+        tpr_at_fpr_0_001: tpr,
+        tpr_ci95: wilson95(hits, pos.len()),
+        failures: fails,
+    }
+}
+
+/// The pair counts of the Procrustes sweep: dense around d, up to 2d.
+pub fn sweep(d: usize, max: usize) -> Vec<usize> {
+    let mut n: Vec<usize> = [
+        1,
+        2,
+        4,
+        8,
+        16,
+        32,
+        64,
+        d / 2 + d / 4,
+        d - 8,
+        d - 4,
+        d - 2,
+        d - 1,
+        d,
+        d + 1,
+        d + 2,
+        d + 4,
+        d + 8,
+        d + d / 4,
+        d + d / 2,
+        2 * d,
+    ]
+    .into_iter()
+    .filter(|&x| x >= 1 && x <= max.min(2 * d))
+    .collect();
+    n.sort_unstable();
+    n.dedup();
+    n
+}
+
+fn procrustes(lab: &Lab, probe: &mut Probe, name: &str, victims: usize) -> Result<Vec<ProcrustesRow>> {
+    let d = lab.head_dim();
+    let victims = victims.clamp(1, lab.tenants());
+    let prefix = &lab.prefix.cache;
+    let mut rows = Vec::new();
+    for layer in super::readout::layers(lab.layers()) {
+        let head = 0;
+        let plain_prefix = rows_of(&prefix.rotated(layer, prefix.len())?.0)?.swap_remove(head);
+        let grid = sweep(d, plain_prefix.len());
+        let mut fails = Failures::default();
+        let mut err_sum = vec![0f64; grid.len()];
+        let mut err_max = vec![0f64; grid.len()];
+        let mut dec_ok = vec![0usize; grid.len()];
+        let mut dec_n = 0usize;
+        for v in 0..victims {
+            let frame = lab.frame(v)?;
+            let r = frame
+                .layer(layer)
+                .expect("tenant frame")
+                .matrices()
+                .0
+                .get(head)?
+                .to_dtype(DType::F64)?
+                .to_device(&Device::Cpu)?;
+            let r_rows = r.to_vec2::<f64>()?;
+            let rotate = |k: &[f32]| -> Vec<f32> {
+                r_rows.iter().map(|row| row.iter().zip(k).map(|(a, b)| a * *b as f64).sum::<f64>() as f32).collect()
+            };
+            // The victim's private rows: rotated (what the attacker decrypts) and plain (truth).
+            let mut trace = crate::model::Trace::default();
+            let cache = lab.private_cache(v, &frame, Some(&mut trace))?;
+            let secret_rot = rows_of(&cache.rotated(layer, lab.cases[v].context.len())?.0)?.swap_remove(head);
+            let secret_plain = rows_of(&trace.k[layer])?.swap_remove(head);
+            dec_n += secret_plain.len();
+            for (gi, &n) in grid.iter().enumerate() {
+                let pairs: Vec<Pair> =
+                    plain_prefix[..n].iter().map(|k| Pair { plain: k.clone(), rotated: rotate(k) }).collect();
+                let view = View {
+                    task: Task::KeyRecovery,
+                    head_dim: d as u32,
+                    vocab_size: lab.gen.model.config().vocab_size as u32,
+                    layer: layer as u32,
+                    head: head as u32,
+                    victim: Vec::new(),
+                    positions: Vec::new(),
+                    mine: Vec::new(),
+                    candidates: Vec::new(),
+                };
+                let check = |g: &Guess| match g {
+                    Guess::Rotation(m) if m.len() == d * d && m.iter().all(|x| x.is_finite()) => Ok(()),
+                    Guess::Rotation(m) => Err(format!("{} entries (or non-finite) for a {d} x {d} matrix", m.len())),
+                    _ => Err("not a rotation".into()),
+                };
+                let grants = Grants { pairs, oracle: None };
+                let Some(Guess::Rotation(est)) = call(probe, &view, grants, &mut fails, check) else {
+                    err_sum[gi] += 1.0;
+                    continue;
+                };
+                let mut diff = 0f64;
+                for i in 0..d {
+                    for j in 0..d {
+                        diff += (est[i * d + j] as f64 - r_rows[i][j]).powi(2);
+                    }
+                }
+                let err = (diff / d as f64).sqrt();
+                err_sum[gi] += err;
+                err_max[gi] = err_max[gi].max(err);
+                // Decrypt: k = R_est^T k'.
+                for (rot, plain) in secret_rot.iter().zip(&secret_plain) {
+                    let k: Vec<f32> = (0..d).map(|j| (0..d).map(|i| est[i * d + j] * rot[i]).sum()).collect();
+                    dec_ok[gi] += (cos(&k, plain) >= 0.99) as usize;
+                }
+            }
+        }
+        let points = grid
+            .iter()
+            .enumerate()
+            .map(|(gi, &n)| ProcrustesPoint {
+                pairs: n,
+                key_error: err_sum[gi] / victims as f64,
+                key_error_max: err_max[gi],
+                decrypt_accuracy: dec_ok[gi] as f64 / dec_n.max(1) as f64,
+            })
+            .collect();
+        rows.push(ProcrustesRow { probe: name.to_owned(), layer, head_dim: d, victims, points, failures: fails });
+    }
+    Ok(rows)
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(f64::MIN_POSITIVE)
+}
