@@ -75,6 +75,14 @@ fn eval_all_at_twenty_tenants_reproduces_the_claims_and_finds_the_norm_channel()
     let norm = attack.reconstruction.iter().find(|r| r.probe == "norm-match" && r.layer == 0).unwrap();
     assert!(norm.accuracy > 5.0 * norm.baseline && !norm.at_baseline, "norm-match {norm:?}");
 
+    // Every shipped adversary answered every call.
+    for row in &attack.reconstruction {
+        assert_eq!(row.failures.failed_calls, 0, "{} layer {}: {:?}", row.probe, row.layer, row.failures.first_error);
+    }
+    let probes: std::collections::BTreeSet<&str> = attack.reconstruction.iter().map(|r| r.probe.as_str()).collect();
+    assert_eq!(probes.len(), 5, "{probes:?}");
+    assert_eq!(attack.membership.len(), 2 * report.layers);
+
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap()).unwrap();
     for path in [

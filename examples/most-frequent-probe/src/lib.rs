@@ -25,7 +25,8 @@ impl Adversary for MostFrequent {
         for row in &view.mine {
             *counts.entry(row.token).or_default() += 1;
         }
-        let (&token, _) = counts.iter().max_by_key(|(t, n)| (**n, std::cmp::Reverse(**t))).ok_or("no session of its own")?;
+        let (&token, _) =
+            counts.iter().max_by_key(|(t, n)| (**n, std::cmp::Reverse(**t))).ok_or("no session of its own")?;
         Ok(Guess::Tokens(vec![token; view.positions.len()]))
     }
 }

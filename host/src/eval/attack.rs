@@ -19,7 +19,9 @@
 use super::lab::Lab;
 use super::stats::{auc, tpr_at_fpr, wilson95};
 use crate::error::Result;
-use crate::plugin::probe::{Capability, Grants, Guess, Oracle, OwnVector, Pair, Probe, Task, Vector, View};
+use crate::plugin::probe::{
+    Capability, Grants, Guess, Oracle, OracleQuery, OwnVector, Pair, Probe, Task, Vector, View,
+};
 use crate::plugin::{Limits, PluginError, PluginRuntime};
 use crate::rotation::Frame;
 use candle_core::{DType, Device, Tensor};
@@ -44,7 +46,8 @@ impl ProbeSource {
 }
 
 /// The shipped reference adversaries.
-pub const REFERENCE: [&str; 5] = ["crossframe-match", "norm-match", "membership", "procrustes", "norm-oracle"];
+pub const REFERENCE: [&str; 7] =
+    ["crossframe-match", "norm-match", "gram-match", "pca-align", "membership", "procrustes", "norm-oracle"];
 
 #[derive(Clone)]
 pub struct AttackOptions {
@@ -265,35 +268,63 @@ fn view(lab: &Lab, s: &Scene, task: Task, layer: usize, head: usize) -> View {
     }
 }
 
-/// Plaintext K of every vocabulary token alone at position 0, per (layer, head):
-/// what an attacker with the weights computes. One batched decode step per chunk.
-fn oracle_table(lab: &Lab) -> Result<HashMap<(u32, u32), Arc<Vec<Vec<f32>>>>> {
-    let model = &lab.gen.model;
-    let vocab = model.config().vocab_size as u32;
-    let mut table: HashMap<(u32, u32), Vec<Vec<f32>>> = HashMap::new();
-    let tokens: Vec<u32> = (0..vocab).collect();
-    for chunk in tokens.chunks(512) {
-        let mut caches: Vec<_> = chunk.iter().map(|_| model.new_cache(Default::default())).collect();
-        let mut seqs: Vec<_> = chunk
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(&token, cache)| crate::model::BatchSeq { token, cache, frame: &Frame::Identity })
-            .collect();
-        model.decode_batch(&mut seqs, lab.variant)?;
-        for cache in &caches {
-            for layer in 0..lab.layers() {
-                for (head, rows) in rows_of(&cache.rotated(layer, 1)?.0)?.into_iter().enumerate() {
-                    table.entry((layer as u32, head as u32)).or_default().extend(rows);
+/// What an attacker with the weights computes: the K of every vocabulary token
+/// alone, per layer and head, before rotary position (for a lone token it does not
+/// depend on position: attention has one key), with rotary position applied per
+/// query. One batched decode step per chunk of tokens, at position 0 (where rotary
+/// position is the identity).
+struct OracleTable {
+    /// [layer][head][token] -> K row.
+    rows: Vec<Vec<Vec<Vec<f32>>>>,
+    inv_freq: Vec<f32>,
+}
+
+impl OracleTable {
+    fn new(lab: &Lab) -> Result<Self> {
+        let model = &lab.gen.model;
+        let cfg = model.config();
+        let mut rows = vec![vec![Vec::with_capacity(cfg.vocab_size); lab.kv_heads()]; lab.layers()];
+        let tokens: Vec<u32> = (0..cfg.vocab_size as u32).collect();
+        for chunk in tokens.chunks(512) {
+            let mut caches: Vec<_> = chunk.iter().map(|_| model.new_cache(Default::default())).collect();
+            let mut seqs: Vec<_> = chunk
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(&token, cache)| crate::model::BatchSeq { token, cache, frame: &Frame::Identity })
+                .collect();
+            model.decode_batch(&mut seqs, lab.variant)?;
+            for cache in &caches {
+                for (layer, per_layer) in rows.iter_mut().enumerate() {
+                    for (head, k) in rows_of(&cache.rotated(layer, 1)?.0)?.into_iter().enumerate() {
+                        per_layer[head].extend(k);
+                    }
                 }
             }
         }
+        let d = cfg.head_dim;
+        // In f32, as the model computes its rotary tables.
+        let inv_freq = (0..d).step_by(2).map(|i| 1f32 / cfg.rope_theta.powf(i as f64 / d as f64) as f32).collect();
+        Ok(Self { rows, inv_freq })
     }
-    Ok(table.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
-}
 
-fn oracle_for(table: &HashMap<(u32, u32), Arc<Vec<Vec<f32>>>>, layer: usize, head: usize) -> Oracle {
-    let rows = table[&(layer as u32, head as u32)].clone();
-    Arc::new(move |tokens: &[u32]| tokens.iter().map(|&t| rows.get(t as usize).cloned().unwrap_or_default()).collect())
+    /// K of `q.token` at `q.position` (rotary position applied as the model does:
+    /// the two halves of the row rotate together).
+    fn query(&self, q: &OracleQuery) -> Vec<f32> {
+        let Some(k) =
+            self.rows.get(q.layer as usize).and_then(|l| l.get(q.head as usize)).and_then(|h| h.get(q.token as usize))
+        else {
+            return Vec::new();
+        };
+        let half = k.len() / 2;
+        let mut out = k.clone();
+        for i in 0..half {
+            let (sin, cos) = (q.position as f32 * self.inv_freq[i]).sin_cos();
+            let (a, b) = (k[i], k[i + half]);
+            out[i] = a * cos - b * sin;
+            out[i + half] = b * cos + a * sin;
+        }
+        out
+    }
 }
 
 /// Runs `attack` and keeps count of failures; a quarantined probe is not called again.
@@ -325,7 +356,7 @@ pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> R
     let victims = opts.victims.clamp(1, lab.tenants());
     progress("building the victims' and attackers' caches");
     let scenes: Vec<Scene> = (0..victims).map(|v| scene(lab, v, &mut rng)).collect::<Result<_>>()?;
-    let mut oracle: Option<HashMap<(u32, u32), Arc<Vec<Vec<f32>>>>> = None;
+    let mut oracle: Option<Arc<OracleTable>> = None;
     let mut report = AttackReport {
         victims,
         reconstruction: Vec::new(),
@@ -369,23 +400,23 @@ pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> R
             progress(&format!("{} ({experiment}): {task:?}", about.name));
             if probe.needs.contains(&Capability::ModelOracle) && oracle.is_none() {
                 progress("computing the model oracle (K of every token)");
-                oracle = Some(oracle_table(lab)?);
+                oracle = Some(Arc::new(OracleTable::new(lab)?));
             }
-            let granted_oracle = oracle.as_ref().filter(|_| probe.needs.contains(&Capability::ModelOracle));
-            let grants_for = |layer: usize, head: usize| Grants {
-                pairs: Vec::new(),
-                oracle: granted_oracle.map(|t| oracle_for(t, layer, head)),
-            };
+            let granted_oracle: Option<Oracle> =
+                oracle.clone().filter(|_| probe.needs.contains(&Capability::ModelOracle)).map(|table| {
+                    Arc::new(move |queries: &[OracleQuery]| queries.iter().map(|q| table.query(q)).collect()) as Oracle
+                });
+            let grants = Grants { pairs: Vec::new(), oracle: granted_oracle };
             match task {
                 Task::Reconstruct => {
                     for layer in 0..lab.layers() {
-                        let row = reconstruction(lab, &scenes, &mut probe, &grants_for, layer);
+                        let row = reconstruction(lab, &scenes, &mut probe, &grants, layer);
                         report.reconstruction.push(ReconstructionRow { probe: about.name.clone(), experiment, ..row });
                     }
                 }
                 Task::Membership => {
                     for layer in 0..lab.layers() {
-                        let row = membership(lab, &scenes, &mut probe, &grants_for, layer);
+                        let row = membership(lab, &scenes, &mut probe, &grants, layer);
                         report.membership.push(MembershipRow { probe: about.name.clone(), experiment, ..row });
                     }
                 }
@@ -403,13 +434,7 @@ pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> R
 /// alike), so the intervals are clustered by victim, and the baseline is the
 /// adversary's own guesses shuffled among that victim's positions: what the same
 /// guesses would score if they carried no information.
-fn reconstruction(
-    lab: &Lab,
-    scenes: &[Scene],
-    probe: &mut Probe,
-    grants_for: &dyn Fn(usize, usize) -> Grants,
-    layer: usize,
-) -> ReconstructionRow {
+fn reconstruction(lab: &Lab, scenes: &[Scene], probe: &mut Probe, grants: &Grants, layer: usize) -> ReconstructionRow {
     let mut fails = Failures::default();
     let (mut correct, mut chance, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
     let (mut sn, mut sc) = (0, 0);
@@ -422,7 +447,7 @@ fn reconstruction(
                 Guess::Tokens(t) => Err(format!("{} tokens for {want} positions", t.len())),
                 _ => Err("not a token guess".into()),
             };
-            let Some(Guess::Tokens(g)) = call(probe, &v, grants_for(layer, head), &mut fails, check) else { continue };
+            let Some(Guess::Tokens(g)) = call(probe, &v, grants.clone(), &mut fails, check) else { continue };
             let is_secret = |t: &u32| s.secret_tokens.contains(t);
             let mut freq: HashMap<u32, f64> = HashMap::new();
             for t in &g {
@@ -442,7 +467,8 @@ fn reconstruction(
         }
     }
     let n: f64 = sizes.iter().sum();
-    let (accuracy, ci95) = clustered_rate(&correct, &sizes);
+    let (accuracy, (lo, hi)) = clustered_rate(&correct, &sizes);
+    let ci95 = (lo.max(0.0), hi.min(1.0));
     let excess: Vec<f64> = correct.iter().zip(&chance).map(|(c, b)| c - b).collect();
     let (_, excess_ci) = clustered_rate(&excess, &sizes);
     ReconstructionRow {
@@ -479,13 +505,7 @@ fn clustered_rate(num: &[f64], den: &[f64]) -> (f64, (f64, f64)) {
 }
 
 /// Scores one layer of membership over every victim.
-fn membership(
-    lab: &Lab,
-    scenes: &[Scene],
-    probe: &mut Probe,
-    grants_for: &dyn Fn(usize, usize) -> Grants,
-    layer: usize,
-) -> MembershipRow {
+fn membership(lab: &Lab, scenes: &[Scene], probe: &mut Probe, grants: &Grants, layer: usize) -> MembershipRow {
     let mut fails = Failures::default();
     let (mut pos, mut neg) = (Vec::new(), Vec::new());
     for s in scenes {
@@ -497,7 +517,7 @@ fn membership(
                 Guess::Scores(x) => Err(format!("{} scores (or NaN) for {want} candidates", x.len())),
                 _ => Err("not a score list".into()),
             };
-            if let Some(Guess::Scores(x)) = call(probe, &v, grants_for(layer, head), &mut fails, check) {
+            if let Some(Guess::Scores(x)) = call(probe, &v, grants.clone(), &mut fails, check) {
                 for (score, &present) in x.iter().zip(&s.present) {
                     if present {
                         pos.push(*score)
@@ -655,4 +675,31 @@ fn cos(a: &[f32], b: &[f32]) -> f64 {
         bb += y * y;
     }
     ab / (aa.sqrt() * bb.sqrt()).max(f64::MIN_POSITIVE)
+}
+
+#[cfg(all(test, feature = "embedded-model"))]
+mod tests {
+    use super::*;
+    use crate::generate::Generator;
+    use crate::model::load::ModelDir;
+    use crate::model::Trace;
+
+    #[test]
+    fn the_oracle_gives_the_layer_zero_k_a_token_has_at_any_position() {
+        let gen = Generator::load(&ModelDir::embedded().unwrap(), DType::F32, &Device::Cpu).unwrap();
+        let lab = Lab::new(&gen, "embedded", 2, 4, 1).unwrap();
+        let table = OracleTable::new(&lab).unwrap();
+        let mut trace = Trace::default();
+        lab.private_cache(0, &Frame::Identity, Some(&mut trace)).unwrap();
+        let rows = rows_of(&trace.k[0]).unwrap().swap_remove(0);
+        let offset = lab.prefix.tokens.len();
+        for (i, row) in rows.iter().enumerate() {
+            let q = OracleQuery { token: lab.cases[0].context[i], position: (offset + i) as u32, layer: 0, head: 0 };
+            let k = table.query(&q);
+            let worst = k.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "position {}: max |oracle - model| = {worst}", offset + i);
+        }
+        let outside = OracleQuery { token: u32::MAX, position: 0, layer: 0, head: 0 };
+        assert!(table.query(&outside).is_empty());
+    }
 }

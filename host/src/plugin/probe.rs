@@ -13,6 +13,7 @@ use super::{Failure, PluginError};
 use std::sync::Arc;
 
 pub use known_pairs::Pair;
+pub use model_oracle::OracleQuery;
 pub use probe_types::{About, Guess, OwnVector, Task, Vector, View};
 
 /// What an experiment may grant an adversary.
@@ -44,8 +45,8 @@ impl Capability {
     }
 }
 
-/// Plaintext K rows of the given tokens at the experiment's layer and head.
-pub type Oracle = Arc<dyn Fn(&[u32]) -> Vec<Vec<f32>> + Send + Sync>;
+/// Plaintext K rows for (token, position, layer, head) queries.
+pub type Oracle = Arc<dyn Fn(&[OracleQuery]) -> Vec<Vec<f32>> + Send + Sync>;
 
 /// The data behind the granted capabilities, for one call.
 #[derive(Default, Clone)]
@@ -61,9 +62,9 @@ impl known_pairs::Host for Sandbox {
 }
 
 impl model_oracle::Host for Sandbox {
-    fn plain_k(&mut self, tokens: Vec<u32>) -> Vec<Vec<f32>> {
+    fn plain_k(&mut self, queries: Vec<OracleQuery>) -> Vec<Vec<f32>> {
         match &self.grants.oracle {
-            Some(oracle) => oracle(&tokens),
+            Some(oracle) => oracle(&queries),
             // Unreachable: a component importing the oracle is linked to it only
             // where it is granted.
             None => Vec::new(),

@@ -19,9 +19,12 @@ impl Adversary for NormOracle {
     fn attack(&mut self, view: View) -> Result<Guess, String> {
         let at = (view.layer, view.head);
         if self.table.as_ref().map(|t| t.0) != Some(at) {
-            let tokens: Vec<u32> = (0..view.vocab_size).collect();
-            let ks = model_oracle::plain_k(&tokens);
-            let mut table: Vec<(f32, u32)> = ks.iter().zip(tokens).map(|(k, t)| (norm(k), t)).collect();
+            // Rotary position keeps length: position 0 stands for every position.
+            let queries: Vec<model_oracle::OracleQuery> = (0..view.vocab_size)
+                .map(|token| model_oracle::OracleQuery { token, position: 0, layer: view.layer, head: view.head })
+                .collect();
+            let ks = model_oracle::plain_k(&queries);
+            let mut table: Vec<(f32, u32)> = ks.iter().zip(&queries).map(|(k, q)| (norm(k), q.token)).collect();
             table.sort_by(|a, b| a.0.total_cmp(&b.0));
             self.table = Some((at, table));
         }
