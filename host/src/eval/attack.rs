@@ -68,6 +68,16 @@ pub struct Failures {
     pub quarantined: bool,
 }
 
+impl std::fmt::Display for Failures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.failed_calls)?;
+        match &self.first_error {
+            Some(e) => write!(f, " ({e})"),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ReconstructionRow {
     pub probe: String,
@@ -647,7 +657,7 @@ fn procrustes(lab: &Lab, probe: &mut Probe, name: &str, victims: usize) -> Resul
                 // Decrypt: k = R_est^T k'.
                 for (rot, plain) in secret_rot.iter().zip(&secret_plain) {
                     let k: Vec<f32> = (0..d).map(|j| (0..d).map(|i| est[i * d + j] * rot[i]).sum()).collect();
-                    dec_ok[gi] += (cos(&k, plain) >= 0.99) as usize;
+                    dec_ok[gi] += (super::stats::cosine(&k, plain) >= 0.99) as usize;
                 }
             }
         }
@@ -664,17 +674,6 @@ fn procrustes(lab: &Lab, probe: &mut Probe, name: &str, victims: usize) -> Resul
         rows.push(ProcrustesRow { probe: name.to_owned(), layer, head_dim: d, victims, points, failures: fails });
     }
     Ok(rows)
-}
-
-fn cos(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    ab / (aa.sqrt() * bb.sqrt()).max(f64::MIN_POSITIVE)
 }
 
 #[cfg(all(test, feature = "embedded-model"))]

@@ -161,7 +161,7 @@ pub fn run(
         let r = rotation(lab, *reader, *layer, *head)?.to_device(&Device::Cpu)?;
         let z = y.matmul(&r)?.to_vec2::<f32>()?;
         for (&i, read) in idx.iter().zip(z) {
-            cos[i] = cosine(&pool[&(*layer, *head)][samples[i].row], &read);
+            cos[i] = stats::cosine(&pool[&(*layer, *head)][samples[i].row], &read);
         }
     }
     progress(t);
@@ -209,15 +209,4 @@ pub fn run(
         ks_distinct_p,
     };
     Ok((report, cos, top))
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    ab / (aa.sqrt() * bb.sqrt()).max(f64::MIN_POSITIVE)
 }

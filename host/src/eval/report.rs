@@ -261,7 +261,7 @@ pub fn markdown(r: &Report) -> String {
         for x in &a.reconstruction {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {:.4} [{:.4}, {:.4}] | {:.4} | {} | {}/{} | {}{} |",
+                "| {} | {} | {} | {:.4} [{:.4}, {:.4}] | {:.4} | {} | {}/{} | {} |",
                 x.probe,
                 x.experiment,
                 x.layer,
@@ -276,15 +276,14 @@ pub fn markdown(r: &Report) -> String {
                 },
                 x.secret_correct,
                 x.secret_positions,
-                x.failures.failed_calls,
-                x.failures.first_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                x.failures
             );
         }
         let _ = writeln!(s, "\n### Membership\n\n| adversary | experiment | layer | positives / negatives | AUC [95% CI] | TPR at 0.1% FPR [95% CI] | failed calls |\n|---|---|---|---|---|---|---|");
         for x in &a.membership {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} / {} | {:.3} [{:.3}, {:.3}] | {:.3} [{:.3}, {:.3}] | {}{} |",
+                "| {} | {} | {} | {} / {} | {:.3} [{:.3}, {:.3}] | {:.3} [{:.3}, {:.3}] | {} |",
                 x.probe,
                 x.experiment,
                 x.layer,
@@ -296,8 +295,7 @@ pub fn markdown(r: &Report) -> String {
                 x.tpr_at_fpr_0_001,
                 x.tpr_ci95.0,
                 x.tpr_ci95.1,
-                x.failures.failed_calls,
-                x.failures.first_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                x.failures
             );
         }
         for p in &a.procrustes {

@@ -2,6 +2,18 @@
 
 use statrs::distribution::{Beta, ContinuousCDF, Normal};
 
+/// Cosine similarity of two rows, accumulated in f64.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(f64::MIN_POSITIVE)
+}
+
 /// Wilson score 95% interval for `hits` of `n`.
 pub fn wilson95(hits: usize, n: usize) -> (f64, f64) {
     if n == 0 {
