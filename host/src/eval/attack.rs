@@ -106,6 +106,7 @@ pub struct MembershipRow {
     pub positives: usize,
     pub negatives: usize,
     pub auc: f64,
+    /// Bootstrap over victims.
     pub auc_ci95: (f64, f64),
     pub tpr_at_fpr_0_001: f64,
     pub tpr_ci95: (f64, f64),
@@ -517,7 +518,8 @@ fn clustered_rate(num: &[f64], den: &[f64]) -> (f64, (f64, f64)) {
 /// Scores one layer of membership over every victim.
 fn membership(lab: &Lab, scenes: &[Scene], probe: &mut Probe, grants: &Grants, layer: usize) -> MembershipRow {
     let mut fails = Failures::default();
-    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+    // Per victim: (scores of present candidates, scores of absent ones).
+    let mut by_victim: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
     for s in scenes {
         for head in 0..lab.kv_heads() {
             let v = view(lab, s, Task::Membership, layer, head);
@@ -528,17 +530,21 @@ fn membership(lab: &Lab, scenes: &[Scene], probe: &mut Probe, grants: &Grants, l
                 _ => Err("not a score list".into()),
             };
             if let Some(Guess::Scores(x)) = call(probe, &v, grants.clone(), &mut fails, check) {
-                for (score, &present) in x.iter().zip(&s.present) {
-                    if present {
-                        pos.push(*score)
-                    } else {
-                        neg.push(*score)
-                    }
-                }
+                let (pos, neg): (Vec<_>, Vec<_>) = x.iter().zip(&s.present).partition(|(_, &present)| present);
+                by_victim.push((pos.into_iter().map(|p| *p.0).collect(), neg.into_iter().map(|n| *n.0).collect()));
             }
         }
     }
-    let (a, a_ci) = auc(&pos, &neg);
+    let pool = |victims: &mut dyn Iterator<Item = usize>| {
+        let (mut pos, mut neg) = (Vec::new(), Vec::new());
+        for i in victims {
+            pos.extend_from_slice(&by_victim[i].0);
+            neg.extend_from_slice(&by_victim[i].1);
+        }
+        (pos, neg)
+    };
+    let (pos, neg) = pool(&mut (0..by_victim.len()));
+    let (a, _) = auc(&pos, &neg);
     let tpr = tpr_at_fpr(&pos, &neg, 0.001);
     let hits = (tpr * pos.len() as f64).round() as usize;
     MembershipRow {
@@ -548,11 +554,32 @@ fn membership(lab: &Lab, scenes: &[Scene], probe: &mut Probe, grants: &Grants, l
         positives: pos.len(),
         negatives: neg.len(),
         auc: a,
-        auc_ci95: a_ci,
+        auc_ci95: bootstrap_auc(by_victim.len(), lab.seed, |idx| {
+            let (p, n) = pool(&mut idx.iter().copied());
+            auc(&p, &n).0
+        }),
         tpr_at_fpr_0_001: tpr,
         tpr_ci95: wilson95(hits, pos.len()),
         failures: fails,
     }
+}
+
+/// 95% percentile interval of a statistic over victims resampled with
+/// replacement (candidates of one victim share its key, so victims, not
+/// candidates, are the independent units).
+fn bootstrap_auc(victims: usize, seed: u64, stat: impl Fn(&[usize]) -> f64) -> (f64, f64) {
+    if victims < 2 {
+        return (0.0, 1.0);
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xb007);
+    let mut values: Vec<f64> = (0..400)
+        .map(|_| {
+            let idx: Vec<usize> = (0..victims).map(|_| rand::Rng::random_range(&mut rng, 0..victims)).collect();
+            stat(&idx)
+        })
+        .collect();
+    values.sort_by(|a, b| a.total_cmp(b));
+    (values[10], values[389])
 }
 
 /// The pair counts of the Procrustes sweep: dense around d, up to 2d.
