@@ -422,7 +422,7 @@ fn suite(experiment: eval::suite::Experiment, args: SuiteArgs) -> anyhow::Result
     use eval::attack::{AttackOptions, ProbeSource, REFERENCE};
     let (dir, generator) = load(&args.model)?;
     let name = match args.model.model {
-        None => "kframe-tiny (embedded)".to_owned(),
+        None => crate::model::load::EMBEDDED_MODEL_NAME.to_owned(),
         Some(_) => dir.path.display().to_string(),
     };
     let mut probes = Vec::new();

@@ -19,9 +19,9 @@ use super::machine;
 use crate::cache::{KvCache, KvPrecision, SharedPrefix};
 use crate::engine::{Engine, EngineConfig, Event, Submit, Tenant};
 use crate::generate::{Generator, SamplingParams};
+use crate::integrity::TagKey;
 use crate::keys::MasterSecret;
 use crate::model::load::ModelDir;
-use crate::integrity::TagKey;
 use crate::model::{synth, BatchSeq, Qwen2, Variant};
 use crate::plugin::{Limits, PluginRuntime, PolicyKind, PolicySet};
 use crate::rotation::{Frame, Keyring};
@@ -86,7 +86,7 @@ const MASTER: [u8; 32] = [0x5e; 32];
 /// (written to a temporary directory, which the returned guard keeps alive).
 pub(super) fn model_dir() -> crate::Result<(ModelDir, String, Option<tempfile::TempDir>)> {
     if let Ok(dir) = ModelDir::embedded() {
-        return Ok((dir, "kframe-tiny (embedded)".into(), None));
+        return Ok((dir, crate::model::load::EMBEDDED_MODEL_NAME.into(), None));
     }
     let tmp = tempfile::tempdir()?;
     let cfg = synth::tiny_config();

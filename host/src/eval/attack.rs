@@ -16,7 +16,7 @@
 //! sees. A component that traps, loops or answers nonsense is stopped and
 //! reported; the rest of the eval goes on.
 
-use super::lab::Lab;
+use super::lab::{rows_of, Lab};
 use super::stats::{auc, tpr_at_fpr, wilson95};
 use crate::error::Result;
 use crate::plugin::probe::{
@@ -24,7 +24,7 @@ use crate::plugin::probe::{
 };
 use crate::plugin::{Limits, PluginError, PluginRuntime};
 use crate::rotation::Frame;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::collections::HashMap;
@@ -178,12 +178,6 @@ struct Scene {
     candidates: Vec<Vec<u32>>,
     present: Vec<bool>,
     secret_tokens: Vec<u32>,
-}
-
-/// (kv, n, d) in any dtype -> per head, n rows of f32.
-fn rows_of(t: &Tensor) -> Result<Vec<Vec<Vec<f32>>>> {
-    let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    (0..t.dim(0)?).map(|h| Ok(t.get(h)?.to_vec2::<f32>()?)).collect()
 }
 
 fn scene(lab: &Lab, victim: usize, rng: &mut impl rand::Rng) -> Result<Scene> {
@@ -378,8 +372,9 @@ pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> R
 
     for source in &opts.probes {
         // Which tasks it answers: ask with every capability linked.
-        let about = match Probe::load(&runtime, &source.name, &source.bytes, &source.config, &Capability::ALL) {
-            Ok(p) => p.about.clone(),
+        // What it answers and what it imports: loaded once with everything linked.
+        let first = match Probe::load(&runtime, &source.name, &source.bytes, &source.config, &Capability::ALL) {
+            Ok(p) => p,
             Err(e) => {
                 report.refused.push(Refusal {
                     probe: source.name.clone(),
@@ -389,24 +384,28 @@ pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> R
                 continue;
             }
         };
+        let about = first.about.clone();
         for task in about.tasks.clone() {
-            let mut loaded = None;
-            let mut first_refusal = None;
-            for (experiment, grants) in experiments(task) {
-                match Probe::load(&runtime, &source.name, &source.bytes, &source.config, grants) {
-                    Ok(p) => {
-                        loaded = Some((*experiment, p));
-                        break;
-                    }
-                    Err(e) => {
-                        first_refusal.get_or_insert(e.failure.to_string());
-                    }
-                }
-            }
-            let Some((experiment, mut probe)) = loaded else {
-                let reason = first_refusal.unwrap_or_default();
+            // The least-privileged experiment whose grants cover its imports.
+            let fits = experiments(task).iter().find(|(_, grants)| first.needs.iter().all(|c| grants.contains(c)));
+            let Some((experiment, grants)) = fits else {
+                // Loading it where the least is granted gives the refusal, worded once.
+                let (_, least) = experiments(task)[0];
+                let reason = match Probe::load(&runtime, &source.name, &source.bytes, &source.config, least) {
+                    Err(e) => e.failure.to_string(),
+                    Ok(_) => "no experiment grants what it imports".into(),
+                };
                 report.refused.push(Refusal { probe: about.name.clone(), task: format!("{task:?}"), reason });
                 continue;
+            };
+            let experiment = *experiment;
+            let mut probe = match Probe::load(&runtime, &source.name, &source.bytes, &source.config, grants) {
+                Ok(p) => p,
+                Err(e) => {
+                    let reason = e.failure.to_string();
+                    report.refused.push(Refusal { probe: about.name.clone(), task: format!("{task:?}"), reason });
+                    continue;
+                }
             };
             progress(&format!("{} ({experiment}): {task:?}", about.name));
             if probe.needs.contains(&Capability::ModelOracle) && oracle.is_none() {
@@ -544,7 +543,7 @@ fn membership(lab: &Lab, scenes: &[Scene], probe: &mut Probe, grants: &Grants, l
         (pos, neg)
     };
     let (pos, neg) = pool(&mut (0..by_victim.len()));
-    let (a, _) = auc(&pos, &neg);
+    let a = auc(&pos, &neg);
     let tpr = tpr_at_fpr(&pos, &neg, 0.001);
     let hits = (tpr * pos.len() as f64).round() as usize;
     MembershipRow {
@@ -556,7 +555,7 @@ fn membership(lab: &Lab, scenes: &[Scene], probe: &mut Probe, grants: &Grants, l
         auc: a,
         auc_ci95: bootstrap_auc(by_victim.len(), lab.seed, |idx| {
             let (p, n) = pool(&mut idx.iter().copied());
-            auc(&p, &n).0
+            auc(&p, &n)
         }),
         tpr_at_fpr_0_001: tpr,
         tpr_ci95: wilson95(hits, pos.len()),

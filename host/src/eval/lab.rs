@@ -211,6 +211,12 @@ pub struct Run<'a> {
     pub tokens: usize,
 }
 
+/// (kv, n, d) in any dtype and device -> per kv head, n rows of f32.
+pub fn rows_of(t: &candle_core::Tensor) -> Result<Vec<Vec<Vec<f32>>>> {
+    let t = t.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+    (0..t.dim(0)?).map(|h| Ok(t.get(h)?.to_vec2::<f32>()?)).collect()
+}
+
 fn argmax(logits: &candle_core::Tensor) -> Result<u32> {
     Ok(logits.argmax(0)?.to_scalar::<u32>()?)
 }

@@ -6,7 +6,7 @@
 //! 1/sqrt(d). The highest-cosine pairs are written down before any of them is run,
 //! for the behavioural spot-check.
 
-use super::lab::Lab;
+use super::lab::{rows_of, Lab};
 use super::stats;
 use crate::error::Result;
 use crate::model::Trace;
@@ -63,9 +63,7 @@ pub fn layers(n: usize) -> Vec<usize> {
 fn pool(lab: &Lab) -> Result<BTreeMap<(usize, usize), Vec<Vec<f32>>>> {
     let mut pool: BTreeMap<(usize, usize), Vec<Vec<f32>>> = BTreeMap::new();
     let mut add = |layer: usize, k: &Tensor| -> Result<()> {
-        let k = k.to_dtype(candle_core::DType::F32)?.to_device(&Device::Cpu)?;
-        for head in 0..k.dim(0)? {
-            let rows = k.get(head)?.to_vec2::<f32>()?;
+        for (head, rows) in rows_of(k)?.into_iter().enumerate() {
             pool.entry((layer, head)).or_default().extend(rows);
         }
         Ok(())

@@ -25,12 +25,12 @@ pub fn wilson95(hits: usize, n: usize) -> (f64, f64) {
     ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
-/// Area under the ROC curve (Mann-Whitney, ties count half) with the
-/// Hanley-McNeil 95% interval.
-pub fn auc(positives: &[f32], negatives: &[f32]) -> (f64, (f64, f64)) {
+/// Area under the ROC curve (Mann-Whitney, ties count half). Its interval is the
+/// caller's: scores of one victim are not independent.
+pub fn auc(positives: &[f32], negatives: &[f32]) -> f64 {
     let (np, nn) = (positives.len() as f64, negatives.len() as f64);
     if np == 0.0 || nn == 0.0 {
-        return (0.5, (0.0, 1.0));
+        return 0.5;
     }
     let mut neg: Vec<f32> = negatives.to_vec();
     neg.sort_by(|a, b| a.total_cmp(b));
@@ -40,11 +40,7 @@ pub fn auc(positives: &[f32], negatives: &[f32]) -> (f64, (f64, f64)) {
         let not_above = neg.partition_point(|x| x <= p) as f64;
         wins += below + 0.5 * (not_above - below);
     }
-    let a = wins / (np * nn);
-    let (q1, q2) = (a / (2.0 - a), 2.0 * a * a / (1.0 + a));
-    let var = (a * (1.0 - a) + (np - 1.0) * (q1 - a * a) + (nn - 1.0) * (q2 - a * a)) / (np * nn);
-    let half = 1.96 * var.max(0.0).sqrt();
-    (a, ((a - half).max(0.0), (a + half).min(1.0)))
+    wins / (np * nn)
 }
 
 /// True-positive rate at a false-positive rate of at most `fpr`: the threshold is
@@ -96,8 +92,8 @@ mod tests {
 
     #[test]
     fn auc_is_one_for_separated_scores_and_a_half_for_equal_ones() {
-        assert_eq!(auc(&[2.0, 3.0], &[0.0, 1.0]).0, 1.0);
-        assert_eq!(auc(&[1.0, 1.0], &[1.0, 1.0]).0, 0.5);
+        assert_eq!(auc(&[2.0, 3.0], &[0.0, 1.0]), 1.0);
+        assert_eq!(auc(&[1.0, 1.0], &[1.0, 1.0]), 0.5);
     }
 
     #[test]

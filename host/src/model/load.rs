@@ -57,6 +57,9 @@ mod embedded {
     pub const TOKENIZER_CONFIG: &[u8] = file!("tokenizer_config.json");
 }
 
+/// How reports name the compiled-in model.
+pub const EMBEDDED_MODEL_NAME: &str = "kframe-tiny (embedded)";
+
 /// The directory the embedded model was built from, for tests that compare the two.
 pub fn embedded_model_source_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("model")
