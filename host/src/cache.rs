@@ -16,6 +16,7 @@
 //! [`crate::integrity`]).
 
 use crate::integrity::{self, BlockAt, Findings, IsolationEvent, Owner, Seal, TagKey, BLOCK};
+use crate::pad::Layout;
 use crate::rotation::Frame;
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::HashSet;
@@ -66,6 +67,8 @@ pub struct KvCache {
     store: DType,
     device: Device,
     layers: Vec<Option<LayerKv>>,
+    /// Which layers hold padded rows (fixed while the cache holds rows).
+    layout: Layout,
     /// Rows this cache holds itself (after the shared prefix, if any).
     len: usize,
     /// A plaintext prefix this sequence attends over before its own rows.
@@ -99,10 +102,30 @@ impl KvCache {
             store,
             device: device.clone(),
             layers: (0..shape.layers).map(|_| None).collect(),
+            layout: Layout::plain(shape.layers),
             len: 0,
             shared: None,
             integrity: Integrity { seals: vec![Vec::new(); shape.layers], ..Integrity::default() },
         }
+    }
+
+    /// The same empty cache, for rows written in a frame of `layout` (see
+    /// [`crate::pad`]). Refused once rows are written: their width is fixed.
+    pub fn with_layout(mut self, layout: Layout) -> Result<Self> {
+        if self.layers.iter().any(Option::is_some) {
+            candle_core::bail!("the layout of a cache that holds rows cannot change")
+        }
+        self.layout = layout;
+        Ok(self)
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The width of `layer`'s rows.
+    fn width(&self, layer: usize) -> usize {
+        self.layout.width(layer, self.shape.head_dim)
     }
 
     /// An empty cache whose sequence continues after a shared plaintext prefix.
@@ -117,13 +140,18 @@ impl KvCache {
     /// the tenant had prefilled the prefix itself (without running the model).
     pub fn rotated_copy(prefix: &SharedPrefix, frame: &Frame, precision: KvPrecision) -> Result<Self> {
         let c = &prefix.cache;
-        let mut cache = Self::new(c.shape, c.plain, precision, &c.device);
+        let layout = frame.layout().cloned().unwrap_or_else(|| Layout::plain(c.shape.layers));
+        let mut cache = Self::new(c.shape, c.plain, precision, &c.device).with_layout(layout)?;
         for layer in 0..c.shape.layers {
             let (k, v) = c.rotated(layer, c.len)?;
             let (k, v) = (k.to_dtype(c.plain)?.contiguous()?, v.to_dtype(c.plain)?.contiguous()?);
             let (k, v) = match frame.layer(layer) {
                 None => (k, v),
-                Some(r) => r.rotate_kv(&k, &v, cache.store)?,
+                Some(r) => {
+                    let (k, v, overflow) = r.rotate_kv(&k, &v, cache.store, 0)?;
+                    cache.note_overflow(overflow);
+                    (k, v)
+                }
             };
             cache.write_rows(layer, 0, &k, &v)?;
         }
@@ -167,7 +195,7 @@ impl KvCache {
 
     /// Bytes of cached K and V actually in use.
     pub fn bytes(&self) -> usize {
-        2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * self.len * self.store.size_in_bytes()
+        Self::bytes_for(self.shape, &self.layout, self.store, self.len)
     }
 
     /// Writes (kv, t, d) rotated rows for context positions pos.. of `layer`.
@@ -181,6 +209,9 @@ impl KvCache {
     /// Writes (kv, t, d) rows at own row `pos` of `layer`, growing the buffer if needed.
     fn write_rows(&mut self, layer: usize, pos: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let needed = pos + k.dim(1)?;
+        if k.dim(2)? != self.width(layer) {
+            candle_core::bail!("rows of width {} written to layer {layer} of width {}", k.dim(2)?, self.width(layer))
+        }
         if needed > self.capacity(layer) {
             let new_cap = needed.next_power_of_two().max(64).min(self.shape.max_len.max(needed));
             self.reallocate(layer, new_cap, pos)?;
@@ -214,6 +245,11 @@ impl KvCache {
     /// layers are not verified).
     pub fn set_verify(&mut self, verify: Vec<bool>) {
         self.integrity.verify = verify;
+    }
+
+    /// Counts rows too long to pad (see [`crate::pad`]) among those written.
+    pub(crate) fn note_overflow(&mut self, rows: u64) {
+        self.integrity.findings.pad_overflow += rows;
     }
 
     /// What verification found since the last call.
@@ -302,7 +338,9 @@ impl KvCache {
         }
         for head in 0..kv {
             if mask[head * total..(head + 1) * total].iter().all(|x| x.is_infinite()) {
-                candle_core::bail!("every block of layer {layer} kv head {head} failed verification: nothing left to attend to")
+                candle_core::bail!(
+                    "every block of layer {layer} kv head {head} failed verification: nothing left to attend to"
+                )
             }
         }
         let mask = Tensor::from_vec(mask, (kv, 1, total), &self.device)?;
@@ -316,9 +354,9 @@ impl KvCache {
     /// Moves `layer` into buffers of `cap` rows, keeping its first `keep` rows and
     /// zeroing the old buffers.
     fn reallocate(&mut self, layer: usize, cap: usize, keep: usize) -> Result<()> {
-        let CacheShape { kv_heads, head_dim, .. } = self.shape;
-        let k_new = Tensor::zeros((kv_heads, cap, head_dim), self.store, &self.device)?;
-        let v_new = Tensor::zeros((kv_heads, cap, head_dim), self.store, &self.device)?;
+        let (kv_heads, width) = (self.shape.kv_heads, self.width(layer));
+        let k_new = Tensor::zeros((kv_heads, cap, width), self.store, &self.device)?;
+        let v_new = Tensor::zeros((kv_heads, cap, width), self.store, &self.device)?;
         if let Some(old) = self.layers[layer].take() {
             if keep > 0 {
                 k_new.slice_set(&old.k.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
@@ -363,14 +401,15 @@ impl KvCache {
 
     /// Bytes allocated for `tokens` tokens of this shape and storage dtype: what a
     /// memory budget counts.
-    pub fn bytes_for(shape: CacheShape, store: DType, tokens: usize) -> usize {
-        2 * shape.layers * shape.kv_heads * shape.head_dim * tokens.min(shape.max_len) * store.size_in_bytes()
+    pub fn bytes_for(shape: CacheShape, layout: &Layout, store: DType, tokens: usize) -> usize {
+        let widths: usize = (0..shape.layers).map(|l| layout.width(l, shape.head_dim)).sum();
+        2 * shape.kv_heads * widths * tokens.min(shape.max_len) * store.size_in_bytes()
     }
 
     /// Bytes this cache holds allocated (its capacity, not just its length).
     pub fn allocated_bytes(&self) -> usize {
-        let row = 2 * self.shape.kv_heads * self.shape.head_dim * self.store.size_in_bytes();
-        (0..self.shape.layers).map(|l| row * self.capacity(l)).sum()
+        let row = 2 * self.shape.kv_heads * self.store.size_in_bytes();
+        (0..self.shape.layers).map(|l| row * self.width(l) * self.capacity(l)).sum()
     }
 
     pub fn shape(&self) -> CacheShape {
@@ -401,9 +440,10 @@ impl KvCache {
         if len >= self.len {
             return Ok(());
         }
-        for buf in self.layers.iter().flatten() {
+        for (layer, buf) in self.layers.iter().enumerate() {
+            let Some(buf) = buf else { continue };
             let tail = self.len - len;
-            let zeros = Tensor::zeros((self.shape.kv_heads, tail, self.shape.head_dim), self.store, &self.device)?;
+            let zeros = Tensor::zeros((self.shape.kv_heads, tail, self.width(layer)), self.store, &self.device)?;
             buf.k.slice_set(&zeros, 1, len)?;
             buf.v.slice_set(&zeros, 1, len)?;
         }
@@ -426,16 +466,26 @@ impl KvCache {
         let (k, v) = self.rotated(layer, self.len)?;
         let (k, v) = match frame.layer(layer) {
             None => (k, v),
-            Some(rot) => rot.unrotate_kv(&k.contiguous()?, &v.contiguous()?)?,
+            Some(rot) => rot.unrotate_kv_padded(&k.contiguous()?, &v.contiguous()?)?,
         };
+        // Snapped with the pads still on: the round trip's error scales with the
+        // whole row's norm. Then the pads are dropped.
         let (k, v) = if self.store == DType::F64 { (snap_zeros(&k)?, snap_zeros(&v)?) } else { (k, v) };
-        Ok((k.to_dtype(self.plain)?, v.to_dtype(self.plain)?))
+        let d = self.shape.head_dim;
+        Ok((k.narrow(2, 0, d)?.to_dtype(self.plain)?, v.narrow(2, 0, d)?.to_dtype(self.plain)?))
     }
 
     /// Re-key without a new prefill: every row goes from `old`'s frame to `new`'s,
     /// k'' = R_new R_old^T k' (and the same with S for V), in the storage dtype.
-    /// A sealed cache is sealed again for the new epoch.
+    /// Padded rows get the new key's pads. A sealed cache is sealed again for the
+    /// new epoch. Both frames must have the cache's layout.
     pub fn rekey(&mut self, old: &Frame, new: &Frame) -> Result<()> {
+        let plain = Layout::plain(self.shape.layers);
+        for f in [old, new] {
+            if f.layout().unwrap_or(&plain) != &self.layout {
+                candle_core::bail!("re-key: {} does not have the cache's layout", f.describe())
+            }
+        }
         if let Some((_, owner)) = &mut self.integrity.sealer {
             *owner = Owner::of(new);
         }
@@ -451,7 +501,11 @@ impl KvCache {
             };
             let (k, v) = match new.layer(layer) {
                 None => (k, v),
-                Some(r) => r.rotate_kv(&k, &v, self.store)?,
+                Some(r) => {
+                    let (k, v, overflow) = r.rotate_kv(&k, &v, self.store, self.offset())?;
+                    self.note_overflow(overflow);
+                    (k, v)
+                }
             };
             self.write_rows(layer, 0, &k, &v)?;
         }
@@ -461,10 +515,11 @@ impl KvCache {
     /// Fills the cache to `len` tokens with random rotated rows: benchmarks measure
     /// decode at a long context without paying for the prefill.
     pub fn fill_random(&mut self, len: usize) -> Result<()> {
-        let CacheShape { layers, kv_heads, head_dim, .. } = self.shape;
+        let CacheShape { layers, kv_heads, .. } = self.shape;
         for layer in 0..layers {
-            let k = Tensor::randn(0f32, 1f32, (kv_heads, len, head_dim), &self.device)?;
-            let v = Tensor::randn(0f32, 1f32, (kv_heads, len, head_dim), &self.device)?;
+            let w = self.width(layer);
+            let k = Tensor::randn(0f32, 1f32, (kv_heads, len, w), &self.device)?;
+            let v = Tensor::randn(0f32, 1f32, (kv_heads, len, w), &self.device)?;
             self.write_rows(layer, 0, &k, &v)?;
         }
         self.len = len;

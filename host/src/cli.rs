@@ -43,6 +43,18 @@ pub enum Command {
     /// Write a random-weight Qwen2 model directory (config.json, model.safetensors,
     /// tokenizer.json) for tests and benchmarks.
     SynthModel(SynthArgs),
+    /// Measure the norms K and V reach, per layer and kv head (over the whole
+    /// vocabulary and the built-in corpus), and write the norm-pad calibration
+    /// padded layers use (store it as kframe-pad.json in the model directory).
+    Calibrate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Target norm = largest measured norm x margin.
+        #[arg(long, default_value_t = crate::pad::DEFAULT_MARGIN)]
+        margin: f64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the synthetic retrieval corpus as JSON lines: training documents, or
     /// recall questions with `--recall K` (K records each).
     Corpus {
@@ -130,6 +142,10 @@ pub struct ServeArgs {
     /// Open connections served at once; more wait in the listen backlog.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// Extra dimensions m of a norm-padded row, on the layers the depth-gate policy
+    /// pads (layer 0 by default); 0 turns padding off.
+    #[arg(long, default_value_t = crate::pad::DEFAULT_EXTRA)]
+    pub pad_dims: usize,
 }
 
 fn parse_policy(s: &str) -> Result<(PolicyKind, PathBuf), String> {
@@ -365,6 +381,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Calibrate { model, margin, out } => {
+            let (dir, generator) = load(&model)?;
+            let calibration = crate::pad::measure(&dir, &generator, margin)?;
+            std::fs::write(&out, serde_json::to_string_pretty(&calibration)? + "\n")?;
+            eprintln!(
+                "wrote the pad calibration of {} ({}) to {}",
+                calibration.model,
+                calibration.corpus,
+                out.display()
+            );
+            Ok(())
+        }
         Command::SynthModel(args) => {
             let cfg = match args.preset {
                 Preset::Tiny => synth::tiny_config(),
@@ -482,11 +510,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .swap(*kind, &file.display().to_string(), &bytes, "")
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     }
+    let padding = match args.pad_dims {
+        0 => None,
+        extra => Some(crate::pad::Padding { extra, calibration: crate::pad::calibration_for(&dir, &generator)? }),
+    };
     let engine = EngineConfig {
         variant: args.variant,
         prefix_mode: args.prefix_mode,
         kv_budget: args.kv_budget,
         max_batch: args.max_batch,
+        padding,
         ..EngineConfig::default()
     };
     let limits = server::Limits {

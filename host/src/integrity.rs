@@ -126,6 +126,8 @@ pub struct Findings {
     pub blocks_masked: u64,
     /// Newly failed blocks (each block is reported once per cache).
     pub events: Vec<IsolationEvent>,
+    /// Rows written unpadded because their norm exceeded the calibrated c.
+    pub pad_overflow: u64,
 }
 
 /// What one request's attention checked, for its response and the isolation
@@ -137,6 +139,10 @@ pub struct IsolationReport {
     pub blocks_verified: u64,
     pub blocks_masked: u64,
     pub events: usize,
+    /// Layers whose rows are norm-padded (see [`crate::pad`]).
+    pub padded_layers: Vec<usize>,
+    /// Rows left unpadded there because their norm exceeded the calibration.
+    pub pad_overflow: u64,
 }
 
 impl IsolationReport {
@@ -145,10 +151,17 @@ impl IsolationReport {
         Self { checked_layers: checked, unchecked_layers: unchecked, ..Self::default() }
     }
 
+    /// The report of a cache whose `padded_layers` are padded.
+    pub fn padded(mut self, padded_layers: Vec<usize>) -> Self {
+        self.padded_layers = padded_layers;
+        self
+    }
+
     pub fn add(&mut self, f: &Findings) {
         self.blocks_verified += f.blocks_verified;
         self.blocks_masked += f.blocks_masked;
         self.events += f.events.len();
+        self.pad_overflow += f.pad_overflow;
     }
 }
 
@@ -178,7 +191,14 @@ pub fn seal(key: &TagKey, owner: &Owner, at: BlockAt, k: &[u8], v: &[u8]) -> Sea
 }
 
 /// Checks a block against its seal in the reader's frame.
-pub fn check(key: &TagKey, reader: &Owner, at: BlockAt, k: &[u8], v: &[u8], seal: Option<&Seal>) -> std::result::Result<(), Reason> {
+pub fn check(
+    key: &TagKey,
+    reader: &Owner,
+    at: BlockAt,
+    k: &[u8],
+    v: &[u8],
+    seal: Option<&Seal>,
+) -> std::result::Result<(), Reason> {
     let Some(seal) = seal else { return Err(Reason::Unsealed) };
     // blake3's `Hash` compares in constant time; the tag is not secret, but the
     // comparison costs nothing.
@@ -322,7 +342,8 @@ mod tests {
         fn a_corrupted_block_is_masked_reported_once_and_never_attended_to() {
             let s = setup();
             let alice = s.ring.frame("alice", 0).unwrap();
-            let (mut a, mut b, clean) = (prefilled(&s, &alice), prefilled(&s, &alice), step(&s, &mut prefilled(&s, &alice), &alice));
+            let (mut a, mut b, clean) =
+                (prefilled(&s, &alice), prefilled(&s, &alice), step(&s, &mut prefilled(&s, &alice), &alice));
             // The same block of layer 1 corrupted two different ways.
             a.overwrite_row(1, 40, 100.0);
             b.overwrite_row(1, 40, -7.0);
@@ -385,14 +406,18 @@ mod tests {
             let logits = s.model.decode_batch(&mut batch, Variant::ProbeTime).unwrap();
             let f = a.take_findings();
             assert_eq!(f.events.len(), 2, "{f:?}");
-            assert!(f.events.iter().all(|e| e.reason == Reason::ForeignTenant && e.layer == 0 && e.positions == (32, 64)));
+            assert!(f
+                .events
+                .iter()
+                .all(|e| e.reason == Reason::ForeignTenant && e.layer == 0 && e.positions == (32, 64)));
             // The neighbour in the batch is untouched.
             assert!(other.take_findings().events.is_empty());
             let mut alone = [BatchSeq { token: 7, cache: &mut solo, frame: &bob }];
             let solo_logits = s.model.decode_batch(&mut alone, Variant::ProbeTime).unwrap();
             let row = |l: &Tensor, i: usize| l.get(i).unwrap().to_vec1::<f32>().unwrap();
             // (Batched matmuls may round differently with another batch size.)
-            let diff = row(&logits, 1).iter().zip(row(&solo_logits, 0)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let diff =
+                row(&logits, 1).iter().zip(row(&solo_logits, 0)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             assert!(diff < 1e-4, "the neighbour's logits moved by {diff}");
         }
 

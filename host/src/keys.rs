@@ -134,6 +134,20 @@ impl TenantKey {
         };
         Zeroizing::new(*blake3::keyed_hash(&self.material, &data).as_bytes())
     }
+
+    /// The PRF key of the norm pads for one (layer, kv head, K or V) (see
+    /// [`crate::pad`]); distinct from every matrix seed.
+    pub fn pad_seed(&self, layer: usize, head: usize, which: Which) -> Zeroizing<[u8; 32]> {
+        let mut data = [0u8; 10];
+        data[..4].copy_from_slice(&(layer as u32).to_le_bytes());
+        data[4..8].copy_from_slice(&(head as u32).to_le_bytes());
+        data[8] = b'P';
+        data[9] = match which {
+            Which::K => b'K',
+            Which::V => b'V',
+        };
+        Zeroizing::new(*blake3::keyed_hash(&self.material, &data).as_bytes())
+    }
 }
 
 /// The default data directory: `$KFRAME_DATA_DIR`, else `~/.local/share/kframe`.
@@ -193,5 +207,7 @@ mod tests {
         assert_ne!(*k.matrix_seed(0, 0, Which::K), *k.matrix_seed(0, 0, Which::V));
         assert_ne!(*k.matrix_seed(0, 0, Which::K), *k.matrix_seed(1, 0, Which::K));
         assert_ne!(*k.matrix_seed(0, 0, Which::K), *k.matrix_seed(0, 1, Which::K));
+        assert_ne!(*k.matrix_seed(0, 0, Which::K), *k.pad_seed(0, 0, Which::K));
+        assert_ne!(*k.pad_seed(0, 0, Which::K), *k.pad_seed(0, 0, Which::V));
     }
 }

@@ -6,6 +6,7 @@
 //! - [`keys`]: the master secret and per-tenant key material (blake3).
 //! - [`rotation`]: Haar-random rotations derived from a tenant key; the [`rotation::Frame`]
 //!   a sequence's cache lives in; an LRU keyring.
+//! - [`pad`]: norm-equalizing padding of chosen layers; its calibration.
 //! - [`cache`]: one sequence's cache of rotated K and V; the matched-key round trip.
 //! - [`model`]: the Qwen2 forward pass with rotated attention; loading Hugging Face
 //!   directories ([`model::load`]); config parsing; random-weight models for tests.
@@ -31,6 +32,7 @@ pub mod generate;
 pub mod integrity;
 pub mod keys;
 pub mod model;
+pub mod pad;
 pub mod plugin;
 pub mod rotation;
 pub mod server;

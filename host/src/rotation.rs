@@ -10,7 +10,8 @@
 //! [`LayerRotation`]; nothing else in the forward pass knows about keys.
 
 use crate::keys::{MasterSecret, TenantKey, Which};
-use candle_core::{DType, Device, Result, Tensor};
+use crate::pad::{LayerPad, Layout, Padding};
+use candle_core::{DType, Device, Result, Tensor, D};
 use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -69,12 +70,16 @@ impl Mats {
     }
 }
 
-/// One layer's rotations for one tenant.
+/// One layer's rotations for one tenant. On a padded layer (see [`crate::pad`])
+/// the matrices are (d + m) x (d + m) and rows are padded before they are rotated.
 pub struct LayerRotation {
     /// In the model's compute dtype, for attention.
     compute: Mats,
     /// In f64, for writes and recovery when the cache keeps exact rotated values.
     exact: Option<Mats>,
+    /// The plaintext width d.
+    d: usize,
+    pad: Option<LayerPad>,
 }
 
 impl LayerRotation {
@@ -85,36 +90,77 @@ impl LayerRotation {
         }
     }
 
-    /// k' = R k and v' = S v for (kv, t, d) plaintext, computed and returned in `store`.
-    pub fn rotate_kv(&self, k: &Tensor, v: &Tensor, store: DType) -> Result<(Tensor, Tensor)> {
+    /// The width of this layer's rotated rows: d, or d + m when padded.
+    pub fn width(&self) -> usize {
+        self.d + self.pad.as_ref().map_or(0, |p| p.extra)
+    }
+
+    pub fn is_padded(&self) -> bool {
+        self.pad.is_some()
+    }
+
+    /// [k; r] and [v; r'] for (kv, t, d) plaintext rows at context positions
+    /// pos.., in their dtype, and the number of rows too long to pad; the rows
+    /// unchanged on an unpadded layer.
+    pub fn pad_kv(&self, k: &Tensor, v: &Tensor, pos: usize) -> Result<(Tensor, Tensor, u64)> {
+        match &self.pad {
+            None => Ok((k.clone(), v.clone(), 0)),
+            Some(p) => {
+                let (k, a) = p.pad(k, pos, Which::K)?;
+                let (v, b) = p.pad(v, pos, Which::V)?;
+                Ok((k, v, a + b))
+            }
+        }
+    }
+
+    /// k' = R [k; r] and v' = S [v; r'] for (kv, t, d) plaintext at context
+    /// positions pos.., computed and returned in `store`; also the rows too long
+    /// to pad.
+    pub fn rotate_kv(&self, k: &Tensor, v: &Tensor, store: DType, pos: usize) -> Result<(Tensor, Tensor, u64)> {
         let m = self.mats(store);
-        let k = k.to_dtype(store)?.matmul(&m.r_t)?;
-        let v = v.to_dtype(store)?.matmul(&m.s_t)?;
-        Ok((k, v))
+        let (k, v, overflow) = self.pad_kv(&k.to_dtype(store)?, &v.to_dtype(store)?, pos)?;
+        Ok((k.matmul(&m.r_t)?, v.matmul(&m.s_t)?, overflow))
     }
 
-    /// Probe-time: q' = R q for (kv, g*t, d) queries grouped by their kv head.
+    /// Probe-time: q' = R [q; 0] for (kv, g*t, d) queries grouped by their kv head.
     pub fn rotate_q(&self, q: &Tensor) -> Result<Tensor> {
-        q.matmul(&self.compute.r_t)
+        zero_pad(q, self.width())?.matmul(&self.compute.r_t)
     }
 
-    /// Probe-time: o = S^T o' for (kv, g*t, d) attention outputs.
+    /// Probe-time: o = S^T o' for (kv, g*t, width) attention outputs, cut to d.
     pub fn unrotate_out(&self, o: &Tensor) -> Result<Tensor> {
-        o.matmul(&self.compute.s)
+        o.matmul(&self.compute.s)?.narrow(2, 0, self.d)
     }
 
-    /// Decode-time and recovery: k = R^T k', v = S^T v' for (kv, L, d), in the
-    /// dtype of the input (f64 for an exact cache).
+    /// Decode-time and recovery: k = R^T k', v = S^T v' for (kv, L, width), in the
+    /// dtype of the input (f64 for an exact cache), pads dropped.
     pub fn unrotate_kv(&self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = self.unrotate_kv_padded(k, v)?;
+        Ok((k.narrow(2, 0, self.d)?, v.narrow(2, 0, self.d)?))
+    }
+
+    /// As [`Self::unrotate_kv`], pads kept: [k; r], [v; r'].
+    pub fn unrotate_kv_padded(&self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let m = self.mats(k.dtype());
         Ok((k.matmul(&m.r)?, v.matmul(&m.s)?))
     }
 
-    /// The compute-dtype matrices as (kv, d, d): R (for K) and S (for V). For the
-    /// eval harness's readout measurements.
+    /// The compute-dtype matrices as (kv, width, width): R (for K) and S (for V).
+    /// For the eval harness's readout measurements.
     pub fn matrices(&self) -> (&Tensor, &Tensor) {
         (&self.compute.r, &self.compute.s)
     }
+}
+
+/// (.., n, d) rows with zeros appended to `width` columns.
+fn zero_pad(x: &Tensor, width: usize) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    if d == width {
+        return Ok(x.clone());
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rows have a last dimension") = width - d;
+    Tensor::cat(&[x, &Tensor::zeros(dims, x.dtype(), x.device())?], D::Minus1)
 }
 
 impl Drop for LayerRotation {
@@ -126,11 +172,13 @@ impl Drop for LayerRotation {
     }
 }
 
-/// The rotations of a batch of sequences at one layer, stacked as (batch * kv, d, d)
+/// The rotations of a batch of sequences at one layer, stacked as (batch * kv, w, w)
 /// in the compute dtype, so that one batched matmul puts every sequence's vectors in
 /// its own frame. A sequence in the identity frame gets the identity matrix, which
-/// leaves its vectors bit for bit unchanged.
+/// leaves its vectors bit for bit unchanged. Every frame of a batch has the same
+/// width w at the layer (the model batches sequences of one layout together).
 pub struct BatchRotation {
+    width: usize,
     r_t: Tensor,
     s: Tensor,
     s_t: Tensor,
@@ -145,6 +193,11 @@ impl BatchRotation {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let width = |f: &Frame| f.layer(layer).map_or(d, LayerRotation::width);
+        let w = frames.first().map_or(d, |f| width(f));
+        if frames.iter().any(|f| width(f) != w) {
+            candle_core::bail!("a batch mixes row widths at layer {layer}: batch one layout at a time")
+        }
         // The identity stands in for frames without a rotation; built only when needed.
         let eye = match frames.iter().any(|f| f.layer(layer).is_none()) {
             true => Some(Tensor::eye(d, dtype, device)?.unsqueeze(0)?.repeat((kv_heads, 1, 1))?),
@@ -160,22 +213,28 @@ impl BatchRotation {
                 .collect();
             Tensor::cat(&parts, 0)
         };
-        Ok(Self { r_t: pick(|m| &m.r_t)?, s: pick(|m| &m.s)?, s_t: pick(|m| &m.s_t)? })
+        Ok(Self { width: w, r_t: pick(|m| &m.r_t)?, s: pick(|m| &m.s)?, s_t: pick(|m| &m.s_t)? })
     }
 
-    /// k' = R k (and, probe-time, q' = R q) for (batch * kv, n, d) rows.
+    /// The rows' width at this layer.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// k' = R k for (batch * kv, n, w) padded rows, or (probe-time) q' = R [q; 0]
+    /// for (batch * kv, n, d) queries.
     pub fn rotate_k(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.r_t)
+        zero_pad(x, self.width)?.matmul(&self.r_t)
     }
 
-    /// v' = S v for (batch * kv, n, d) rows.
+    /// v' = S v for (batch * kv, n, w) padded rows.
     pub fn rotate_v(&self, v: &Tensor) -> Result<Tensor> {
         v.matmul(&self.s_t)
     }
 
-    /// Probe-time: o = S^T o' for (batch * kv, n, d) attention outputs.
-    pub fn unrotate_out(&self, o: &Tensor) -> Result<Tensor> {
-        o.matmul(&self.s)
+    /// Probe-time: o = S^T o' for (batch * kv, n, w) attention outputs, cut to `d`.
+    pub fn unrotate_out(&self, o: &Tensor, d: usize) -> Result<Tensor> {
+        o.matmul(&self.s)?.narrow(2, 0, d)
     }
 }
 
@@ -187,34 +246,61 @@ pub struct RotationShape {
     pub head_dim: usize,
 }
 
-/// All of one tenant's rotations for one epoch.
+/// All of one tenant's rotations for one epoch, in one cache layout.
 pub struct TenantRotation {
     tenant: String,
     epoch: u64,
+    layout: Layout,
     layers: Vec<LayerRotation>,
 }
 
 impl TenantRotation {
     /// Derives every (layer, kv head) matrix. `exact` also keeps f64 copies, for
-    /// caches that store rotated values in f64 to make recovery bit-exact.
-    pub fn derive(key: &TenantKey, shape: RotationShape, dtype: DType, exact: bool, device: &Device) -> Result<Self> {
+    /// caches that store rotated values in f64 to make recovery bit-exact. The
+    /// layers `layout` pads get (d + m)-wide matrices and pads at `padding`'s norms.
+    pub fn derive(
+        key: &TenantKey,
+        shape: RotationShape,
+        dtype: DType,
+        exact: bool,
+        device: &Device,
+        layout: &Layout,
+        padding: Option<&Padding>,
+    ) -> Result<Self> {
         let RotationShape { layers, kv_heads, head_dim: d } = shape;
+        if layout.any() && padding.is_none() {
+            candle_core::bail!("a padded layout needs a pad calibration")
+        }
         let mut out = Vec::with_capacity(layers);
         for layer in 0..layers {
-            let mut r = Vec::with_capacity(kv_heads * d * d);
-            let mut s = Vec::with_capacity(kv_heads * d * d);
+            let w = layout.width(layer, d);
+            let mut r = Vec::with_capacity(kv_heads * w * w);
+            let mut s = Vec::with_capacity(kv_heads * w * w);
             for head in 0..kv_heads {
-                r.extend(haar_orthonormal(&key.matrix_seed(layer, head, Which::K), d));
-                s.extend(haar_orthonormal(&key.matrix_seed(layer, head, Which::V), d));
+                r.extend(haar_orthonormal(&key.matrix_seed(layer, head, Which::K), w));
+                s.extend(haar_orthonormal(&key.matrix_seed(layer, head, Which::V), w));
             }
-            let dims = (kv_heads, d, d);
+            let dims = (kv_heads, w, w);
             let compute = Mats::new(&r, &s, dims, dtype, device)?;
             let exact = if exact { Some(Mats::new(&r, &s, dims, DType::F64, device)?) } else { None };
             r.zeroize();
             s.zeroize();
-            out.push(LayerRotation { compute, exact });
+            let pad = match padding.filter(|_| layout.is_padded(layer)) {
+                None => None,
+                Some(p) => {
+                    let heads = 0..kv_heads;
+                    Some(LayerPad {
+                        extra: layout.extra(),
+                        k_seeds: heads.clone().map(|h| key.pad_seed(layer, h, Which::K)).collect(),
+                        v_seeds: heads.clone().map(|h| key.pad_seed(layer, h, Which::V)).collect(),
+                        k_norm: heads.clone().map(|h| p.calibration.norm(layer, h, Which::K)).collect(),
+                        v_norm: heads.map(|h| p.calibration.norm(layer, h, Which::V)).collect(),
+                    })
+                }
+            };
+            out.push(LayerRotation { compute, exact, d, pad });
         }
-        Ok(Self { tenant: key.tenant().to_owned(), epoch: key.epoch(), layers: out })
+        Ok(Self { tenant: key.tenant().to_owned(), epoch: key.epoch(), layout: layout.clone(), layers: out })
     }
 
     pub fn layer(&self, layer: usize) -> &LayerRotation {
@@ -228,12 +314,16 @@ impl TenantRotation {
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
 }
 
 /// The coordinate frame a sequence's cache lives in.
 #[derive(Clone)]
 pub enum Frame {
-    /// The model's own frame: no rotation. The baseline and the reference.
+    /// The model's own frame: no rotation, no padding. The baseline and the reference.
     Identity,
     /// A tenant's private frame.
     Tenant(Arc<TenantRotation>),
@@ -244,6 +334,14 @@ impl Frame {
         match self {
             Frame::Identity => None,
             Frame::Tenant(rot) => Some(rot.layer(layer)),
+        }
+    }
+
+    /// The cache layout this frame writes; None for the identity (nothing padded).
+    pub fn layout(&self) -> Option<&Layout> {
+        match self {
+            Frame::Identity => None,
+            Frame::Tenant(rot) => Some(rot.layout()).filter(|l| l.any()),
         }
     }
 
@@ -262,7 +360,8 @@ pub struct Keyring {
     dtype: DType,
     exact: bool,
     device: Device,
-    cache: Mutex<lru::LruCache<[u8; 32], Arc<TenantRotation>>>,
+    padding: Option<Arc<Padding>>,
+    cache: Mutex<lru::LruCache<([u8; 32], Layout), Arc<TenantRotation>>>,
 }
 
 impl Keyring {
@@ -275,24 +374,55 @@ impl Keyring {
         capacity: usize,
     ) -> Self {
         let capacity = NonZeroUsize::new(capacity.max(1)).expect("capacity is at least 1");
-        Self { master, shape, dtype, exact, device, cache: Mutex::new(lru::LruCache::new(capacity)) }
+        Self { master, shape, dtype, exact, device, padding: None, cache: Mutex::new(lru::LruCache::new(capacity)) }
     }
 
-    /// Drops the cached rotations of (tenant, epoch); they are zeroed once no
-    /// sequence holds them. The next `frame` call derives them again.
+    /// Lets [`Self::padded_frame`] pad layers with these settings.
+    pub fn with_padding(mut self, padding: Padding) -> Self {
+        self.padding = Some(Arc::new(padding));
+        self
+    }
+
+    pub fn padding(&self) -> Option<&Padding> {
+        self.padding.as_deref()
+    }
+
+    /// A cache layout padding `padded` layers with the configured extra dimensions
+    /// (none without padding settings).
+    pub fn layout(&self, padded: Vec<bool>) -> Layout {
+        match &self.padding {
+            Some(p) => Layout::new(padded, p.extra),
+            None => Layout::plain(padded.len()),
+        }
+    }
+
+    /// Drops the cached rotations of (tenant, epoch) in every layout; they are
+    /// zeroed once no sequence holds them. The next `frame` call derives them again.
     pub fn forget(&self, tenant: &str, epoch: u64) {
         let id = TenantKey::derive(&self.master, tenant, epoch).fingerprint();
-        self.cache.lock().expect("keyring lock").pop(&id);
+        let mut cache = self.cache.lock().expect("keyring lock");
+        let stale: Vec<_> = cache.iter().filter(|((f, _), _)| *f == id).map(|(k, _)| k.clone()).collect();
+        for k in stale {
+            cache.pop(&k);
+        }
     }
 
+    /// The tenant's frame with no layer padded.
     pub fn frame(&self, tenant: &str, epoch: u64) -> Result<Frame> {
+        self.padded_frame(tenant, epoch, &Layout::plain(self.shape.layers))
+    }
+
+    /// The tenant's frame for caches of `layout`.
+    pub fn padded_frame(&self, tenant: &str, epoch: u64, layout: &Layout) -> Result<Frame> {
         let key = TenantKey::derive(&self.master, tenant, epoch);
-        let id = key.fingerprint();
+        let id = (key.fingerprint(), layout.clone());
         if let Some(rot) = self.cache.lock().expect("keyring lock").get(&id) {
             return Ok(Frame::Tenant(rot.clone()));
         }
         // Derive outside the lock: it takes milliseconds per layer.
-        let rot = Arc::new(TenantRotation::derive(&key, self.shape, self.dtype, self.exact, &self.device)?);
+        let padding = self.padding.as_deref();
+        let rot = TenantRotation::derive(&key, self.shape, self.dtype, self.exact, &self.device, layout, padding)?;
+        let rot = Arc::new(rot);
         self.cache.lock().expect("keyring lock").put(id, rot.clone());
         Ok(Frame::Tenant(rot))
     }

@@ -212,7 +212,9 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     let kv_added = engine.metrics().cache_bytes - kv_half;
     let rss_added = resident_bytes().saturating_sub(rss_half);
     let overhead = (rss_added as f64 - kv_added as f64).max(0.0) / half.max(1) as f64;
-    let kv_per_tenant = KvCache::bytes_for(model.new_cache(KvPrecision::Native).shape(), DType::F32, 256) as u64;
+    let cache_shape = model.new_cache(KvPrecision::Native).shape();
+    let plain = crate::pad::Layout::plain(cache_shape.layers);
+    let kv_per_tenant = KvCache::bytes_for(cache_shape, &plain, DType::F32, 256) as u64;
     // The keyring keeps up to `keyring_capacity` tenants' rotations derived: a fixed
     // cost (4 d x d matrices per layer and kv head, f32), not a per-tenant one.
     let shape = model.rotation_shape();

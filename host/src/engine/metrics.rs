@@ -26,6 +26,7 @@ pub struct Metrics {
     pub(super) admissions_rejected: AtomicU64,
     pub(super) isolation_events: AtomicU64,
     pub(super) blocks_verified: AtomicU64,
+    pub(super) pad_overflow: AtomicU64,
     pub(super) tenant_bytes: Mutex<BTreeMap<u64, u64>>,
     /// The most recent isolation events, oldest first.
     pub(super) recent_events: Mutex<VecDeque<IsolationEvent>>,
@@ -82,6 +83,8 @@ pub struct MetricsSnapshot {
     pub isolation_events: u64,
     /// Cache blocks whose tags attention verified.
     pub blocks_verified: u64,
+    /// Rows written unpadded on a padded layer: their norm exceeded the calibration.
+    pub pad_overflow: u64,
     pub plugin_failures: u64,
     pub plugin_seconds: f64,
 }
@@ -115,6 +118,7 @@ impl Metrics {
             admissions_rejected: self.admissions_rejected.load(Relaxed),
             isolation_events: self.isolation_events.load(Relaxed),
             blocks_verified: self.blocks_verified.load(Relaxed),
+            pad_overflow: self.pad_overflow.load(Relaxed),
             plugin_failures: 0,
             plugin_seconds: 0.0,
         }

@@ -148,6 +148,9 @@ pub struct EngineConfig {
     pub queue_limit: u32,
     /// Tenants whose rotations stay derived when not in use.
     pub keyring_capacity: usize,
+    /// Norm padding for the layers the depth-gate policy pads; None: no layer is
+    /// padded whatever the policy says.
+    pub padding: Option<crate::pad::Padding>,
 }
 
 impl Default for EngineConfig {
@@ -161,6 +164,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             queue_limit: 256,
             keyring_capacity: 256,
+            padding: None,
         }
     }
 }

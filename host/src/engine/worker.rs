@@ -118,6 +118,10 @@ impl State {
             model.device().clone(),
             cfg.keyring_capacity,
         );
+        let keyring = match &cfg.padding {
+            Some(p) => keyring.with_padding(p.clone()),
+            None => keyring,
+        };
         let shape = model.new_cache(cfg.precision).shape();
         Self {
             gen,
@@ -266,8 +270,20 @@ impl State {
             (Some(_), PrefixMode::RotateCopy) => 0,
             (None, _) => offset,
         };
+        // The depth-gate policy picks the layers whose reads are verified and, for a
+        // new cache, the layers padded; a session's cache keeps the layout it has.
+        let model_shape = ModelShape {
+            layers: self.shape.layers as u32,
+            kv_heads: self.shape.kv_heads as u32,
+            head_dim: self.shape.head_dim as u32,
+        };
+        let gates = self.policies.gates(&model_shape, p.req.tenant.id, p.req.prompt.len() as u32).value;
+        let layout = match (&checkout, &prefix) {
+            (Checkout::Cached { cache, .. }, None) if reuse > 0 => cache.layout().clone(),
+            _ => self.keyring.layout(gates.iter().map(|g| g.pad).collect()),
+        };
         let total = (p.req.prompt.len() + p.req.params.max_tokens).min(self.shape.max_len);
-        let reserve = KvCache::bytes_for(self.shape, self.store_dtype(), total - offset) as u64;
+        let reserve = KvCache::bytes_for(self.shape, &layout, self.store_dtype(), total - offset) as u64;
         // A session cache that a prefix replaces is freed, not reused.
         let held_usable = if prefix.is_some() { 0 } else { held };
         let needed = reserve.saturating_sub(held_usable);
@@ -311,7 +327,8 @@ impl State {
             }
             return Some(p);
         }
-        self.start(p, key, checkout, prefix, held, reserve.max(held_usable));
+        let plan = Plan { verify: gates.iter().map(|g| g.verify).collect(), layout };
+        self.start(p, key, checkout, prefix, plan, held, reserve.max(held_usable));
         None
     }
 
@@ -364,7 +381,8 @@ impl State {
         }
         self.validate(&tokens)?;
         // Room first: a prefix that does not fit is not prefilled for nothing.
-        let bytes = KvCache::bytes_for(self.shape, self.store_dtype(), tokens.len()) as u64;
+        let plain = crate::pad::Layout::plain(self.shape.layers);
+        let bytes = KvCache::bytes_for(self.shape, &plain, self.store_dtype(), tokens.len()) as u64;
         if self.used + bytes > self.cfg.kv_budget && !self.make_room(bytes) {
             return Err(EngineError::OverBudget { needed: bytes, budget: self.cfg.kv_budget });
         }
@@ -396,7 +414,8 @@ impl State {
         let p = &mut self.prefixes[index];
         p.bytes = bytes;
         p.pinned = false;
-        let entry = Entry { id: p.entry, tenant: 0, bytes, tokens: p.tokens.len() as u32, pinned: false, inserted: self.now };
+        let entry =
+            Entry { id: p.entry, tenant: 0, bytes, tokens: p.tokens.len() as u32, pinned: false, inserted: self.now };
         self.policies.on_insert(entry);
         let out = info(&self.prefixes[index]);
         self.publish();
@@ -493,11 +512,13 @@ impl State {
         key: Option<SessionKey>,
         checkout: Checkout,
         prefix: Option<Arc<SharedPrefix>>,
+        plan: Plan,
         held: u64,
         reserved: u64,
     ) {
         let Pending { req, tx, .. } = p;
-        let frame = match self.keyring.frame(&req.tenant.name, req.tenant.epoch) {
+        let Plan { verify, layout } = plan;
+        let frame = match self.keyring.padded_frame(&req.tenant.name, req.tenant.epoch, &layout) {
             Ok(f) => f,
             Err(e) => {
                 self.give_back(&key, req.tenant.id, checkout);
@@ -513,26 +534,20 @@ impl State {
         let (cache, cached_tokens) = match (prefix, cache) {
             (Some(pf), _) => {
                 let cache = match self.cfg.prefix_mode {
-                    PrefixMode::SharedPlain => Ok(KvCache::after_prefix(pf.clone(), precision)),
+                    PrefixMode::SharedPlain => KvCache::after_prefix(pf.clone(), precision).with_layout(layout.clone()),
                     PrefixMode::RotateCopy => KvCache::rotated_copy(&pf, &frame, precision),
                 };
                 (cache, pf.tokens.clone())
             }
-            (None, Some(c)) if c.offset() <= common_prefix(&cached_tokens, &req.prompt) => (Ok(c), cached_tokens),
-            (None, _) => (Ok(self.gen.model.new_cache(precision)), Vec::new()),
+            (None, Some(c)) if c.offset() <= common_prefix(&cached_tokens, &req.prompt) && c.layout() == &layout => {
+                (Ok(c), cached_tokens)
+            }
+            (None, _) => (self.gen.model.new_cache(precision).with_layout(layout.clone()), Vec::new()),
         };
         // Reuse the longest common prefix; at least one prompt token runs, for logits.
         let common = common_prefix(&cached_tokens, &req.prompt);
         let total = (req.prompt.len() + req.params.max_tokens).min(self.shape.max_len);
-        // The depth-gate policy picks the layers whose reads are verified.
-        let shape = ModelShape {
-            layers: self.shape.layers as u32,
-            kv_heads: self.shape.kv_heads as u32,
-            head_dim: self.shape.head_dim as u32,
-        };
-        let verify: Vec<bool> =
-            self.policies.gates(&shape, req.tenant.id, req.prompt.len() as u32).value.iter().map(|g| g.verify).collect();
-        let isolation = IsolationReport::new(&verify);
+        let isolation = IsolationReport::new(&verify).padded(layout.padded_layers());
         let prepared = cache.and_then(|mut c| {
             // A new cache is sealed from its first row; a session's already is (and
             // sealing it again would bless whatever it holds now).
@@ -817,20 +832,27 @@ impl State {
 
     fn rekey(&mut self, tenant: &Tenant, epoch: u64) -> Result<usize, EngineError> {
         let model_err = |e: candle_core::Error| EngineError::Model(e.to_string());
-        let old = self.keyring.frame(&tenant.name, tenant.epoch).map_err(model_err)?;
-        let new = self.keyring.frame(&tenant.name, epoch).map_err(model_err)?;
+        // Each cache moves between the two epochs' frames of its own layout.
+        let ring = &self.keyring;
+        let frames = |layout: &crate::pad::Layout| -> Result<(Frame, Frame), EngineError> {
+            let old = ring.padded_frame(&tenant.name, tenant.epoch, layout).map_err(model_err)?;
+            let new = ring.padded_frame(&tenant.name, epoch, layout).map_err(model_err)?;
+            Ok((old, new))
+        };
         let mut done = 0;
         for entry in self.sessions.entries_of(tenant.id) {
             let Some(s) = self.sessions.get_mut(entry) else { continue };
             if let (Some(cache), true) = (s.cache.as_mut(), s.epoch == tenant.epoch) {
+                let (old, new) = frames(cache.layout())?;
                 cache.rekey(&old, &new).map_err(model_err)?;
                 s.epoch = epoch;
                 done += 1;
             }
         }
         for seq in self.active.iter_mut().filter(|s| s.tenant.id == tenant.id && s.tenant.epoch == tenant.epoch) {
+            let (old, new) = frames(seq.cache.layout())?;
             seq.cache.rekey(&old, &new).map_err(model_err)?;
-            seq.frame = new.clone();
+            seq.frame = new;
             seq.tenant.epoch = epoch;
         }
         self.keyring.forget(&tenant.name, tenant.epoch);
@@ -864,6 +886,13 @@ impl State {
     }
 }
 
+/// What the depth-gate decided for a request: the layers attention verifies and
+/// its cache's layout.
+struct Plan {
+    verify: Vec<bool>,
+    layout: crate::pad::Layout,
+}
+
 /// Tokens `cached` shares with the start of `prompt`, leaving at least one prompt
 /// token to run (its logits start the generation).
 /// Moves what the corrective layer found in a sequence's cache during the last
@@ -872,6 +901,7 @@ fn record_findings(metrics: &Metrics, seq: &mut Seq) {
     let findings = seq.cache.take_findings();
     seq.isolation.add(&findings);
     Metrics::add(&metrics.blocks_verified, findings.blocks_verified);
+    Metrics::add(&metrics.pad_overflow, findings.pad_overflow);
     metrics.record_events(findings.events);
 }
 

@@ -22,6 +22,8 @@ pub struct ModelDir {
     pub eos_token_ids: Vec<u32>,
     /// The Jinja chat template of tokenizer_config.json, when it has one.
     pub chat_template: Option<String>,
+    /// The stored norm-pad calibration ([`crate::pad::CALIBRATION_FILE`]), if any.
+    pad_calibration: Option<Bytes>,
 }
 
 /// Where the safetensors bytes come from.
@@ -55,6 +57,7 @@ mod embedded {
     pub const TOKENIZER: &[u8] = file!("tokenizer.json");
     pub const WEIGHTS: &[u8] = file!("model.safetensors");
     pub const TOKENIZER_CONFIG: &[u8] = file!("tokenizer_config.json");
+    pub const PAD_CALIBRATION: &[u8] = file!("kframe-pad.json");
 }
 
 /// How reports name the compiled-in model.
@@ -166,6 +169,7 @@ impl ModelDir {
         let tokenizer_config = dir.join("tokenizer_config.json");
         let chat_template =
             if tokenizer_config.is_file() { read_json::<TokenizerConfig>(&tokenizer_config)?.template() } else { None };
+        let calibration = dir.join(crate::pad::CALIBRATION_FILE);
         Ok(Self {
             path: dir.to_owned(),
             config,
@@ -173,6 +177,7 @@ impl ModelDir {
             tokenizer: Bytes::File(tokenizer),
             eos_token_ids,
             chat_template,
+            pad_calibration: calibration.is_file().then_some(Bytes::File(calibration)),
         })
     }
 
@@ -198,6 +203,7 @@ impl ModelDir {
             weights: Weights::Static(embedded::WEIGHTS),
             tokenizer: Bytes::Static(embedded::TOKENIZER),
             eos_token_ids,
+            pad_calibration: Some(Bytes::Static(embedded::PAD_CALIBRATION)),
         })
     }
 
@@ -245,6 +251,20 @@ impl ModelDir {
             Weights::Static(bytes) => VarBuilder::from_slice_safetensors(bytes, dtype, device),
         };
         vb.map_err(|source| Error::Weights { dir: self.path.clone(), source })
+    }
+
+    /// The norm-pad calibration stored with the model, if it has one.
+    pub fn stored_calibration(&self) -> Result<Option<crate::pad::Calibration>> {
+        let path = self.path.join(crate::pad::CALIBRATION_FILE);
+        let malformed = |reason: String| Error::Malformed { path: path.clone(), reason };
+        let text = match &self.pad_calibration {
+            None => return Ok(None),
+            Some(Bytes::File(p)) => std::fs::read_to_string(p).map_err(|e| malformed(e.to_string()))?,
+            Some(Bytes::Static(b)) => String::from_utf8(b.to_vec()).map_err(|e| malformed(e.to_string()))?,
+        };
+        let calibration: crate::pad::Calibration = serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+        calibration.check_shape(self.config.num_hidden_layers, self.config.num_key_value_heads).map_err(malformed)?;
+        Ok(Some(calibration))
     }
 
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Qwen2> {

@@ -241,6 +241,12 @@ impl Qwen2 {
         if b == 0 {
             return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
         }
+        // Rows of different widths cannot share a batched matmul: each cache layout
+        // runs as its own batch (a sequence's logits do not depend on its batch).
+        let layout = |s: &BatchSeq<'_>| s.frame.layout().cloned();
+        if seqs.iter().any(|s| layout(s) != layout(&seqs[0])) {
+            return self.decode_by_layout(seqs, variant);
+        }
         let tokens: Vec<u32> = seqs.iter().map(|s| s.token).collect();
         let positions: Vec<u32> = seqs.iter().map(|s| s.cache.len() as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
@@ -260,6 +266,35 @@ impl Qwen2 {
             s.cache.set_len(len);
         }
         Ok(xs.apply(&self.norm)?.apply(&self.lm_head)?.squeeze(1)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Self::decode_batch`] for a batch that mixes cache layouts: one batch per
+    /// layout, logits put back in the batch's order.
+    fn decode_by_layout(&self, seqs: &mut [BatchSeq<'_>], variant: Variant) -> Result<Tensor> {
+        let mut groups: Vec<(Option<crate::pad::Layout>, Vec<usize>)> = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let l = s.frame.layout().cloned();
+            match groups.iter_mut().find(|(g, _)| *g == l) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((l, vec![i])),
+            }
+        }
+        let mut rows: Vec<Option<Tensor>> = vec![None; seqs.len()];
+        for (_, members) in groups {
+            let mut group: Vec<BatchSeq<'_>> = Vec::with_capacity(members.len());
+            // Reborrow each member's cache for the group's step.
+            let mut rest: Vec<Option<&mut BatchSeq<'_>>> = seqs.iter_mut().map(Some).collect();
+            for &i in &members {
+                let s = rest[i].take().expect("each sequence is in one group");
+                group.push(BatchSeq { token: s.token, cache: &mut *s.cache, frame: s.frame });
+            }
+            let logits = self.decode_batch(&mut group, variant)?;
+            for (j, &i) in members.iter().enumerate() {
+                rows[i] = Some(logits.get(j)?);
+            }
+        }
+        let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every sequence ran")).collect();
+        Ok(Tensor::stack(&rows, 0)?)
     }
 
     fn check_input(&self, tokens: &[u32], cached: usize) -> Result<()> {
@@ -344,7 +379,11 @@ impl Attention {
         let rot = step.frame.layer(index);
         let (k_store, v_store) = match rot {
             None => (k, v),
-            Some(r) => r.rotate_kv(&k, &v, cache.store_dtype())?,
+            Some(r) => {
+                let (k, v, overflow) = r.rotate_kv(&k, &v, cache.store_dtype(), step.pos)?;
+                cache.note_overflow(overflow);
+                (k, v)
+            }
         };
         cache.write(index, step.pos, &k_store, &v_store)?;
         let len = step.pos + t;
@@ -409,8 +448,23 @@ impl Attention {
         let v = heads(self.v_proj.forward(xs)?, kv)?.reshape((b * kv, 1, d))?;
         let q = candle_nn::rotary_emb::rope(&q, &rope.cos, &rope.sin)?.reshape((b * kv, g, d))?;
         let k = candle_nn::rotary_emb::rope(&k, &rope.cos, &rope.sin)?.reshape((b * kv, 1, d))?;
+        // Padded layers: every sequence's pads, at its own position.
+        let (k_in, v_in) = if rot.width() == d {
+            (k.clone(), v.clone())
+        } else {
+            let (mut ks, mut vs) = (Vec::with_capacity(b), Vec::with_capacity(b));
+            for (j, s) in seqs.iter_mut().enumerate() {
+                let r = s.frame.layer(index).expect("only tenant frames are padded");
+                let pos = s.cache.len();
+                let (k, v, overflow) = r.pad_kv(&k.narrow(0, j * kv, kv)?, &v.narrow(0, j * kv, kv)?, pos)?;
+                s.cache.note_overflow(overflow);
+                ks.push(k);
+                vs.push(v);
+            }
+            (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)
+        };
         // Every sequence's K, V (and probe-time Q) into its own frame at once.
-        let (k_rot, v_rot) = (rot.rotate_k(&k)?, rot.rotate_v(&v)?);
+        let (k_rot, v_rot) = (rot.rotate_k(&k_in)?, rot.rotate_v(&v_in)?);
         let q_own = match variant {
             Variant::ProbeTime => rot.rotate_k(&q)?,
             Variant::DecodeTime => q.clone(),
@@ -420,13 +474,15 @@ impl Attention {
             let layer_rot = s.frame.layer(index);
             let rows = |x: &Tensor| x.narrow(0, j * kv, kv);
             // An exact-precision cache is written from f64 rotations, as in `forward`.
+            let pos = s.cache.len();
             let (k_store, v_store) = match layer_rot {
                 Some(r) if s.cache.store_dtype() != xs.dtype() => {
-                    r.rotate_kv(&rows(&k)?, &rows(&v)?, s.cache.store_dtype())?
+                    // (Pads again in f64; the overflow was counted above.)
+                    let (k, v, _) = r.rotate_kv(&rows(&k)?, &rows(&v)?, s.cache.store_dtype(), pos)?;
+                    (k, v)
                 }
                 _ => (rows(&k_rot)?, rows(&v_rot)?),
             };
-            let pos = s.cache.len();
             s.cache.write(index, pos, &k_store, &v_store)?;
             let failed = s.cache.verify(index, s.frame, pos + 1 - s.cache.offset())?;
             let (keys, values) = s.cache.rotated(index, pos + 1 - s.cache.offset())?;
@@ -446,7 +502,7 @@ impl Attention {
         }
         let out = Tensor::cat(&owns, 0)?; // (b * kv, g, d)
         let mut out = match variant {
-            Variant::ProbeTime => rot.unrotate_out(&out)?,
+            Variant::ProbeTime => rot.unrotate_out(&out, d)?,
             Variant::DecodeTime => out,
         };
         if heads.iter().any(Option::is_some) {

@@ -112,5 +112,5 @@ pub fn admit(req: &Request, load: &Load) -> Admission {
 
 /// Verify every layer, rotation on everywhere.
 pub fn gates(shape: &ModelShape) -> Vec<LayerGate> {
-    (0..shape.layers).map(|_| LayerGate { verify: true, rotate: true }).collect()
+    (0..shape.layers).map(|l| LayerGate { verify: true, rotate: true, pad: l == 0 }).collect()
 }

@@ -2,7 +2,7 @@
 //!
 //! Operators swap kframe's admission, eviction and depth-gate policies at run time
 //! by handing it a component that implements one world of `wit/policy`
-//! (`kframe:policy@0.1.0`). A component is compiled and validated off the serving
+//! (`kframe:policy@0.2.0`). A component is compiled and validated off the serving
 //! path, then swapped in atomically; calls in flight finish on the old one.
 //!
 //! - [`runtime`]: the wasmtime engine, sandbox limits, compiling and identifying
@@ -32,7 +32,7 @@ pub use world::types::{Admission, Entry, LayerGate, Load, ModelShape, Request};
 
 use std::fmt;
 
-/// The worlds a plugin implements: the policy worlds of `kframe:policy@0.1.0`,
+/// The worlds a plugin implements: the policy worlds of `kframe:policy@0.2.0`,
 /// and the adversary world of `kframe:probe@0.1.0` (not a serving policy: the
 /// eval harness runs it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, clap::ValueEnum)]
@@ -60,7 +60,7 @@ impl PolicyKind {
     pub fn package(self) -> &'static str {
         match self {
             PolicyKind::Adversary => "kframe:probe@0.1.0",
-            _ => "kframe:policy@0.1.0",
+            _ => "kframe:policy@0.2.0",
         }
     }
 }

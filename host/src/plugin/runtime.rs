@@ -142,7 +142,7 @@ impl PluginRuntime {
             PolicyKind::Adversary
         } else {
             // No world was asked for here, so there is no "expected" to report.
-            let detail = "a component, but it implements no kframe:policy@0.1.0 or kframe:probe@0.1.0 world";
+            let detail = "a component, but it implements no kframe:policy@0.2.0 or kframe:probe@0.1.0 world";
             let failure = Failure::Malformed(detail.into());
             return Err(PluginError { plugin: name.into(), failure });
         };

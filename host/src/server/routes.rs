@@ -101,7 +101,7 @@ fn metrics(app: &App) -> Response<Body> {
         .map(|(s, n)| (format!("{{status=\"{s}\"}}"), *n as f64))
         .collect();
     metric("http_responses_total", "counter", "HTTP responses by status.", &by_status);
-    const COUNTERS: [&str; 11] = [
+    const COUNTERS: [&str; 12] = [
         "decode_steps",
         "tokens_generated",
         "prompt_tokens_prefilled",
@@ -112,6 +112,7 @@ fn metrics(app: &App) -> Response<Body> {
         "admissions_rejected",
         "isolation_events",
         "blocks_verified",
+        "pad_overflow",
         "plugin_failures",
     ];
     metric("engine_tenant_cache_bytes", "gauge", "Cache bytes held per tenant id.", &by_tenant);
@@ -569,17 +570,10 @@ fn isolation_events(app: &App, req: &Request<Incoming>) -> Result<Response<Body>
         Some(v) => v.parse::<usize>().map_err(|_| ApiError::bad_request(format!("limit={v:?} is not a count")))?,
     };
     let tenant = query_param(req, "tenant");
-    let events: Vec<_> = app
-        .engine
-        .isolation_events()
-        .into_iter()
-        .filter(|e| tenant.as_ref().is_none_or(|t| &e.tenant == t))
-        .collect();
+    let events: Vec<_> =
+        app.engine.isolation_events().into_iter().filter(|e| tenant.as_ref().is_none_or(|t| &e.tenant == t)).collect();
     let shown = &events[events.len().saturating_sub(limit)..];
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"events": shown, "total": app.engine.metrics().isolation_events}),
-    ))
+    Ok(json_response(StatusCode::OK, &json!({"events": shown, "total": app.engine.metrics().isolation_events})))
 }
 
 fn percent_decode(s: &str) -> String {

@@ -1,0 +1,219 @@
+//! Norm-equalizing padding on the embedded model with its stored calibration:
+//! padded rows all have the calibrated norm, attention is unchanged, recovery
+//! drops the pads bit-exactly, and batches mixing layouts decode as alone.
+
+use candle_core::{DType, Device, Tensor};
+use kframe::cache::{KvCache, KvPrecision, RoundTrip};
+use kframe::generate::Generator;
+use kframe::keys::{MasterSecret, Which};
+use kframe::model::load::ModelDir;
+use kframe::model::{BatchSeq, Trace, Variant};
+use kframe::pad::{Calibration, Layout, Padding};
+use kframe::rotation::{Frame, Keyring};
+
+const EXTRA: usize = 64;
+
+fn embedded() -> (Generator, Calibration) {
+    let dir = ModelDir::embedded().unwrap();
+    let gen = Generator::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let calibration = dir.stored_calibration().unwrap().expect("the embedded model ships a calibration");
+    (gen, calibration)
+}
+
+fn ring(gen: &Generator, calibration: &Calibration, exact: bool) -> Keyring {
+    let shape = gen.model.rotation_shape();
+    Keyring::new(MasterSecret::from_bytes([21; 32]), shape, DType::F32, exact, Device::Cpu, 16)
+        .with_padding(Padding { extra: EXTRA, calibration: calibration.clone() })
+}
+
+fn all_padded(gen: &Generator) -> Layout {
+    Layout::new(vec![true; gen.model.config().num_hidden_layers], EXTRA)
+}
+
+fn prompt(gen: &Generator) -> Vec<u32> {
+    // Not one of the calibration's documents (those use another seed).
+    let mut corpus = kframe::corpus::Corpus::new(4242);
+    let text = corpus.records_document(6, 2).text();
+    gen.encode(&text).unwrap()
+}
+
+fn cache_for(gen: &Generator, frame: &Frame, precision: KvPrecision) -> KvCache {
+    let layout = frame.layout().cloned().unwrap_or_else(|| Layout::plain(gen.model.config().num_hidden_layers));
+    gen.model.new_cache(precision).with_layout(layout).unwrap()
+}
+
+fn argmax(logits: &Tensor) -> u32 {
+    logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+/// Greedy logits of a prefill and `steps` decode steps.
+fn greedy(gen: &Generator, frame: &Frame, tokens: &[u32], steps: usize, variant: Variant) -> Vec<Tensor> {
+    let mut cache = cache_for(gen, frame, KvPrecision::Native);
+    let mut out = vec![gen.model.forward(tokens, &mut cache, frame, variant).unwrap()];
+    for _ in 0..steps {
+        let next = argmax(out.last().unwrap());
+        out.push(gen.model.forward(&[next], &mut cache, frame, variant).unwrap());
+    }
+    out
+}
+
+#[test]
+fn every_padded_k_and_v_row_has_the_calibrated_norm_within_1e_5() {
+    let (gen, calibration) = embedded();
+    let ring = ring(&gen, &calibration, false);
+    let frame = ring.padded_frame("alice", 0, &all_padded(&gen)).unwrap();
+    let tokens = prompt(&gen);
+    let mut cache = cache_for(&gen, &frame, KvPrecision::Native);
+    gen.model.forward(&tokens, &mut cache, &frame, Variant::ProbeTime).unwrap();
+    assert_eq!(cache.take_findings().pad_overflow, 0, "no row of this prompt exceeds the calibration");
+    let d = gen.model.config().head_dim;
+    for layer in 0..gen.model.config().num_hidden_layers {
+        let (k, v) = cache.rotated(layer, cache.len()).unwrap();
+        for (rows, which) in [(k, Which::K), (v, Which::V)] {
+            assert_eq!(rows.dim(2).unwrap(), d + EXTRA);
+            let c = calibration.norm(layer, 0, which);
+            let norms = rows.to_dtype(DType::F64).unwrap().sqr().unwrap().sum(2).unwrap().sqrt().unwrap();
+            let worst = norms
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .map(|n| (n - c).abs() / c)
+                .fold(0f64, f64::max);
+            assert!(worst < 1e-5, "layer {layer} {which:?}: worst relative norm error {worst:e} (c = {c})");
+        }
+    }
+}
+
+#[test]
+fn padding_keeps_greedy_tokens_identical_and_logits_within_1e_3_in_both_variants() {
+    let (gen, calibration) = embedded();
+    let ring = ring(&gen, &calibration, false);
+    let plain = ring.frame("alice", 0).unwrap();
+    let padded = ring.padded_frame("alice", 0, &all_padded(&gen)).unwrap();
+    let tokens = prompt(&gen);
+    for variant in [Variant::ProbeTime, Variant::DecodeTime] {
+        let (a, b) = (greedy(&gen, &plain, &tokens, 12, variant), greedy(&gen, &padded, &tokens, 12, variant));
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(argmax(x), argmax(y), "{variant:?}: greedy token differs at step {step}");
+            let diff = (x - y).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-3, "{variant:?} step {step}: max logit difference {diff}");
+        }
+    }
+}
+
+#[test]
+fn padded_round_trip_is_bit_exact_in_exact_mode_and_survives_a_rekey() {
+    let (gen, calibration) = embedded();
+    let ring = ring(&gen, &calibration, true);
+    let layout = all_padded(&gen);
+    let frame = ring.padded_frame("alice", 0, &layout).unwrap();
+    let tokens = prompt(&gen);
+    let mut cache = cache_for(&gen, &frame, KvPrecision::Exact);
+    let mut trace = Trace::default();
+    gen.model.forward_traced(&tokens, &mut cache, &frame, Variant::ProbeTime, Some(&mut trace)).unwrap();
+    let check = |cache: &KvCache, frame: &Frame| {
+        for layer in 0..gen.model.config().num_hidden_layers {
+            let (k, v) = cache.recover(layer, frame).unwrap();
+            let rt = RoundTrip::compare(&trace.k[layer], &k)
+                .unwrap()
+                .merge(RoundTrip::compare(&trace.v[layer], &v).unwrap());
+            assert!(rt.elements > 0 && rt.is_bit_exact(), "layer {layer}: {rt:?}");
+        }
+    };
+    check(&cache, &frame);
+    let next = ring.padded_frame("alice", 1, &layout).unwrap();
+    let before = cache.rotated(0, cache.len()).unwrap().0.copy().unwrap();
+    cache.rekey(&frame, &next).unwrap();
+    let after = cache.rotated(0, cache.len()).unwrap().0;
+    assert!((before - after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() > 0.1);
+    check(&cache, &next);
+}
+
+#[test]
+fn a_batch_mixing_padded_unpadded_and_identity_sequences_decodes_each_as_alone() {
+    let (gen, calibration) = embedded();
+    let ring = ring(&gen, &calibration, false);
+    let mut layer0 = vec![false; gen.model.config().num_hidden_layers];
+    layer0[0] = true;
+    let frames = [
+        ring.padded_frame("ana", 0, &all_padded(&gen)).unwrap(),
+        ring.frame("ben", 0).unwrap(),
+        Frame::Identity,
+        ring.padded_frame("cy", 0, &Layout::new(layer0, EXTRA)).unwrap(),
+        ring.padded_frame("dee", 0, &all_padded(&gen)).unwrap(),
+    ];
+    let tokens = prompt(&gen);
+    let steps = 6;
+    // Alone: one sequence at a time through the batched step.
+    let alone: Vec<Vec<u32>> = frames
+        .iter()
+        .map(|f| {
+            let mut cache = cache_for(&gen, f, KvPrecision::Native);
+            let mut next =
+                argmax(&gen.model.forward(&tokens[..tokens.len() - 3], &mut cache, f, Variant::ProbeTime).unwrap());
+            let mut out = vec![];
+            for _ in 0..steps {
+                let mut one = [BatchSeq { token: next, cache: &mut cache, frame: f }];
+                next = argmax(&gen.model.decode_batch(&mut one, Variant::ProbeTime).unwrap().get(0).unwrap());
+                out.push(next);
+            }
+            out
+        })
+        .collect();
+    let mut caches: Vec<KvCache> = frames.iter().map(|f| cache_for(&gen, f, KvPrecision::Native)).collect();
+    let mut next: Vec<u32> = frames
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(f, c)| argmax(&gen.model.forward(&tokens[..tokens.len() - 3], c, f, Variant::ProbeTime).unwrap()))
+        .collect();
+    let mut together = vec![vec![]; frames.len()];
+    for _ in 0..steps {
+        let mut batch: Vec<BatchSeq> = caches
+            .iter_mut()
+            .zip(&frames)
+            .zip(&next)
+            .map(|((cache, frame), &token)| BatchSeq { token, cache, frame })
+            .collect();
+        let logits = gen.model.decode_batch(&mut batch, Variant::ProbeTime).unwrap();
+        for (i, n) in next.iter_mut().enumerate() {
+            *n = argmax(&logits.get(i).unwrap());
+            together[i].push(*n);
+        }
+    }
+    assert_eq!(together, alone);
+}
+
+#[test]
+fn a_padded_frame_cannot_write_into_a_cache_of_another_layout() {
+    let (gen, calibration) = embedded();
+    let ring = ring(&gen, &calibration, false);
+    let frame = ring.padded_frame("alice", 0, &all_padded(&gen)).unwrap();
+    let mut plain = gen.model.new_cache(KvPrecision::Native);
+    let err = gen.model.forward(&[1, 2, 3], &mut plain, &frame, Variant::ProbeTime).unwrap_err().to_string();
+    assert!(err.contains("width"), "{err}");
+    let mut cache = cache_for(&gen, &frame, KvPrecision::Native);
+    gen.model.forward(&[1, 2, 3], &mut cache, &frame, Variant::ProbeTime).unwrap();
+    assert!(cache.with_layout(Layout::plain(2)).is_err(), "a cache holding rows keeps its layout");
+}
+
+#[test]
+fn the_stored_calibration_matches_a_fresh_measurement() {
+    let dir = ModelDir::embedded().unwrap();
+    let gen = Generator::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let stored = dir.stored_calibration().unwrap().unwrap();
+    let fresh = kframe::pad::measure(&dir, &gen, stored.margin).unwrap();
+    for (a, b) in stored
+        .max_k
+        .iter()
+        .flatten()
+        .chain(stored.max_v.iter().flatten())
+        .zip(fresh.max_k.iter().flatten().chain(fresh.max_v.iter().flatten()))
+    {
+        assert!(
+            (a - b).abs() / b < 1e-4,
+            "stored {a} vs measured {b}: run `kframe calibrate --out host/model/kframe-pad.json`"
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! Pads no layer (and verifies every layer): the unpadded baseline, for
+//! measuring what padding buys and costs.
+use kframe_policy_sdk::{register_depth_gate, DepthGatePolicy, LayerGate, ModelShape};
+
+#[derive(Default)]
+struct Gate;
+
+impl DepthGatePolicy for Gate {
+    fn gates(&mut self, shape: ModelShape, _tenant: u64, _context_len: u32) -> Vec<LayerGate> {
+        (0..shape.layers).map(|_| LayerGate { verify: true, rotate: true, pad: false }).collect()
+    }
+}
+
+register_depth_gate!(Gate);
