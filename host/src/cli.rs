@@ -279,6 +279,9 @@ pub struct SuiteArgs {
     /// Wall-clock limit of one adversary call.
     #[arg(long, default_value_t = 20_000)]
     pub probe_deadline_ms: u64,
+    /// Extra dimensions m of the attack's norm-padded runs; 0 skips them.
+    #[arg(long, default_value_t = crate::pad::DEFAULT_EXTRA)]
+    pub pad_dims: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -478,6 +481,10 @@ fn suite(experiment: eval::suite::Experiment, args: SuiteArgs) -> anyhow::Result
             victims: args.victims.unwrap_or(args.tenants.min(250)),
             key_victims: args.key_victims,
             deadline: std::time::Duration::from_millis(args.probe_deadline_ms),
+        },
+        padding: match args.pad_dims {
+            0 => None,
+            extra => Some(crate::pad::Padding { extra, calibration: crate::pad::calibration_for(&dir, &generator)? }),
         },
     };
     let mut bars = Bars { bar: None };

@@ -1,6 +1,7 @@
 //! The isolation eval at 20 tenants on the embedded model: the published claims
 //! it reproduces (matched, wrong key, readout, Procrustes), the attack it finds
-//! (norms), and adversary components held to their capabilities and limits.
+//! (norms) and the padding that closes it, and adversary components held to their
+//! capabilities and limits.
 #![cfg(feature = "embedded-model")]
 
 use candle_core::{DType, Device};
@@ -29,8 +30,10 @@ fn attack_options(probes: Vec<ProbeSource>, victims: usize) -> AttackOptions {
 }
 
 #[test]
-fn eval_all_at_twenty_tenants_reproduces_the_claims_and_finds_the_norm_channel() {
-    let gen = embedded();
+fn eval_all_at_twenty_tenants_reproduces_the_claims_finds_the_norm_channel_and_padding_closes_it() {
+    let dir = ModelDir::embedded().unwrap();
+    let gen = Generator::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let calibration = dir.stored_calibration().unwrap().unwrap();
     let out = tempfile::tempdir().unwrap();
     let opts = EvalOptions {
         experiment: Experiment::All,
@@ -40,6 +43,7 @@ fn eval_all_at_twenty_tenants_reproduces_the_claims_and_finds_the_norm_channel()
         seed: 7,
         out: out.path().to_owned(),
         attack: attack_options(REFERENCE.iter().map(|n| probe(n, "")).collect(), 10),
+        padding: Some(kframe::pad::Padding { extra: kframe::pad::DEFAULT_EXTRA, calibration }),
     };
     let report = suite::run(&gen, "kframe-tiny (embedded)", &opts, &mut Quiet).unwrap();
 
@@ -68,12 +72,21 @@ fn eval_all_at_twenty_tenants_reproduces_the_claims_and_finds_the_norm_channel()
         }
     }
     // Directions carry nothing across frames...
-    let cross = attack.reconstruction.iter().find(|r| r.probe == "crossframe-match" && r.layer == 0).unwrap();
+    let find = |probe: &str, padded: bool| {
+        attack.reconstruction.iter().find(|r| r.probe == probe && r.layer == 0 && r.padded == padded).unwrap()
+    };
+    let cross = find("crossframe-match", false);
     assert!(cross.at_baseline, "crossframe-match {} vs baseline {}", cross.accuracy, cross.baseline);
     // ...but norms survive any rotation: at layer 0 they name the tokens. The
     // attack must keep working, or the report's finding has silently rotted.
-    let norm = attack.reconstruction.iter().find(|r| r.probe == "norm-match" && r.layer == 0).unwrap();
+    let norm = find("norm-match", false);
     assert!(norm.accuracy > 5.0 * norm.baseline && !norm.at_baseline, "norm-match {norm:?}");
+    // With every row padded to one norm, the same attack is at chance.
+    let padded = find("norm-match", true);
+    assert!(padded.at_baseline, "norm-match with padding {padded:?}");
+    let cost = attack.padding.as_ref().unwrap();
+    assert_eq!(cost.layer_memory_ratio, (d + cost.extra) as f64 / d as f64);
+    assert!(cost.decode_ratio > 0.0 && cost.decode_tok_s_padded > 0.0, "{cost:?}");
 
     // Every shipped adversary answered every call.
     for row in &attack.reconstruction {
@@ -81,7 +94,9 @@ fn eval_all_at_twenty_tenants_reproduces_the_claims_and_finds_the_norm_channel()
     }
     let probes: std::collections::BTreeSet<&str> = attack.reconstruction.iter().map(|r| r.probe.as_str()).collect();
     assert_eq!(probes.len(), 5, "{probes:?}");
-    assert_eq!(attack.membership.len(), 2 * report.layers);
+    // Two membership adversaries, every layer, unpadded and padded.
+    assert_eq!(attack.membership.len(), 2 * 2 * report.layers);
+    assert_eq!(attack.reconstruction.iter().filter(|r| r.padded).count(), 5 * report.layers);
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap()).unwrap();
@@ -96,11 +111,14 @@ fn eval_all_at_twenty_tenants_reproduces_the_claims_and_finds_the_norm_channel()
         "/attack/reconstruction",
         "/attack/membership",
         "/attack/procrustes",
+        "/attack/padding/decode_ratio",
+        "/attack/padding/cache_memory_ratio_layer0",
     ] {
         assert!(json.pointer(path).is_some(), "report.json lacks {path}");
     }
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(md.contains("| Matched keys scale") && md.contains("20/20 PASS-CLEAN"), "{md}");
+    assert!(md.contains("### Norm padding: recovery without and with"), "{md}");
     for figure in ["readout_cosines", "procrustes", "recall"] {
         for ext in ["svg", "png"] {
             let file = out.path().join(format!("{figure}.{ext}"));

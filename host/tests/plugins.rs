@@ -180,6 +180,25 @@ fn depth_gates_verify_every_layer_or_a_sample() {
     assert!(matches!(err.failure, Failure::Config(_)), "{err}");
 }
 
+#[test]
+fn depth_gates_pad_layer_zero_by_default_and_pad_all_or_none_pad_every_or_no_layer() {
+    let shape = ModelShape { layers: 4, kv_heads: 2, head_dim: 128 };
+    let pads = |name: &str, config: &str| -> Vec<bool> {
+        let d = set_with(PolicyKind::DepthGate, name, config).gates(&shape, 1, 10);
+        plugin_decided(&d);
+        d.value.iter().map(|g| g.pad).collect()
+    };
+    assert_eq!(pads("verify-all", ""), [true, false, false, false]);
+    assert_eq!(pads("verify-sampled", ""), [true, false, false, false]);
+    assert_eq!(pads("verify-all", "pad=3"), [true, true, true, false]);
+    assert_eq!(pads("verify-sampled", "pad=0"), [false; 4]);
+    assert_eq!(pads("pad-all", ""), [true; 4]);
+    assert_eq!(pads("pad-none", ""), [false; 4]);
+    // Without a component, the native fallback pads layer 0 too.
+    let fallback = PolicySet::new(runtime(relaxed())).gates(&shape, 1, 10);
+    assert_eq!(fallback.value.iter().map(|g| g.pad).collect::<Vec<_>>(), [true, false, false, false]);
+}
+
 /// Loads the hostile plugin in `mode`, asks for victims, and returns the failure;
 /// checks that the LRU fallback decided and that a good plugin works afterwards.
 fn hostile(mode: &str, limits: Limits) -> Failure {
@@ -293,6 +312,8 @@ fn every_shipped_plugin_is_identified_by_its_world() {
         ("tier-priority", PolicyKind::Admission),
         ("verify-all", PolicyKind::DepthGate),
         ("verify-sampled", PolicyKind::DepthGate),
+        ("pad-all", PolicyKind::DepthGate),
+        ("pad-none", PolicyKind::DepthGate),
     ] {
         assert_eq!(rt.check(name, &bytes(name)).unwrap(), kind, "{name}");
     }

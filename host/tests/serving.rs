@@ -359,6 +359,55 @@ async fn every_request_reports_the_layers_it_verified_and_a_sampled_gate_leaves_
 }
 
 #[tokio::test]
+async fn the_depth_gate_decides_which_layers_are_padded_and_a_session_keeps_its_layout() {
+    let f = fixture();
+    let gen = Generator::load(&f.dir, DType::F32, &Device::Cpu).unwrap();
+    let calibration = kframe::pad::measure(&f.dir, &gen, kframe::pad::DEFAULT_MARGIN).unwrap();
+    let cfg = || EngineConfig {
+        padding: Some(kframe::pad::Padding { extra: 32, calibration: calibration.clone() }),
+        ..EngineConfig::default()
+    };
+    let run = |gate: Option<&'static str>| {
+        let set = policies();
+        if let Some(name) = gate {
+            set.swap(PolicyKind::DepthGate, name, &shipped(name), "").unwrap();
+        }
+        (engine(&f, cfg(), set.clone()), set)
+    };
+    let mut outputs = Vec::new();
+    for (gate, padded) in [(None, vec![0]), (Some("pad-all"), vec![0, 1]), (Some("pad-none"), vec![])] {
+        let (e, _) = run(gate);
+        let (tokens, _, last) = submit(&e, tenant(1), None, prompt(1, 30), 8).collect().await;
+        let report = isolation(&last);
+        assert_eq!(report.padded_layers, padded, "{gate:?}");
+        assert_eq!(report.pad_overflow, 0);
+        outputs.push(tokens);
+    }
+    // Padding changes no token.
+    assert!(outputs.iter().all(|t| t == &outputs[0]), "{outputs:?}");
+    assert_eq!(outputs[0], solo(&f, &tenant(1), &prompt(1, 30), 8));
+
+    // A session started unpadded stays unpadded when the gate changes mid-way:
+    // its rows' width is fixed; a new session follows the new gate.
+    let (e, set) = run(Some("pad-none"));
+    let first = prompt(2, 20);
+    let (tokens, _, last) = submit(&e, tenant(2), Some("s"), first.clone(), 4).collect().await;
+    assert!(isolation(&last).padded_layers.is_empty());
+    let bytes_plain = e.metrics().cache_bytes;
+    set.swap(PolicyKind::DepthGate, "pad-all", &shipped("pad-all"), "").unwrap();
+    let mut more = first.clone();
+    more.extend(&tokens);
+    more.extend(prompt(3, 5));
+    let (_, _, last) = submit(&e, tenant(2), Some("s"), more, 4).collect().await;
+    assert!(done(&last).cached_tokens >= first.len());
+    assert!(isolation(&last).padded_layers.is_empty());
+    let (_, _, last) = submit(&e, tenant(3), Some("s"), prompt(2, 20), 4).collect().await;
+    assert_eq!(isolation(&last).padded_layers, [0, 1]);
+    // The padded session holds m / d more bytes per padded layer than the plain one.
+    assert!(e.metrics().cache_bytes > 2 * bytes_plain, "{} vs {bytes_plain}", e.metrics().cache_bytes);
+}
+
+#[tokio::test]
 async fn an_unused_shared_prefix_is_evicted_for_room_and_prefilled_again_when_asked_for() {
     let f = fixture();
     let prefix = prompt(77, 64);

@@ -11,6 +11,10 @@
 //!   as a public prefix under `rotate-copy` exposes; n swept from 1 to 2d. Task:
 //!   recover R (orthogonal Procrustes).
 //!
+//! Co-tenant and open-weights run twice when the eval has padding settings: on
+//! unpadded caches and on caches norm-padded at every layer (see [`crate::pad`]),
+//! so that each layer's recovery can be read with and without padding.
+//!
 //! Each adversary runs each task it answers in the least-privileged experiment it
 //! loads in. The host scores every guess against ground truth the component never
 //! sees. A component that traps, loops or answers nonsense is stopped and
@@ -83,6 +87,8 @@ pub struct ReconstructionRow {
     pub probe: String,
     pub experiment: &'static str,
     pub layer: usize,
+    /// The victim's and attacker's caches were norm-padded at this layer.
+    pub padded: bool,
     pub positions: usize,
     pub correct: usize,
     pub accuracy: f64,
@@ -103,6 +109,7 @@ pub struct MembershipRow {
     pub probe: String,
     pub experiment: &'static str,
     pub layer: usize,
+    pub padded: bool,
     pub positives: usize,
     pub negatives: usize,
     pub auc: f64,
@@ -150,6 +157,8 @@ pub struct AttackReport {
     pub procrustes: Vec<ProcrustesRow>,
     /// Adversaries (or tasks) that could not run, and why.
     pub refused: Vec<Refusal>,
+    /// What padding costs, when the padded runs were made.
+    pub padding: Option<super::padcost::PadCost>,
 }
 
 /// What each experiment grants, least privileged first.
@@ -168,7 +177,11 @@ pub fn runtime(deadline: Duration) -> anyhow::Result<Arc<PluginRuntime>> {
 
 /// One victim's observed rows and ground truth at every layer, and its attacker's
 /// session.
-struct Scene {
+pub(super) struct Scene {
+    /// Rows on every layer are norm-padded (victim's and attacker's).
+    padded: bool,
+    /// Rows left unpadded because their norm exceeded the calibration.
+    pub(super) overflow: u64,
     /// Per layer, per kv head: the victim's rotated rows.
     rows: Vec<Vec<Vec<Vector>>>,
     tokens: Vec<u32>,
@@ -180,12 +193,16 @@ struct Scene {
     secret_tokens: Vec<u32>,
 }
 
-fn scene(lab: &Lab, victim: usize, rng: &mut impl rand::Rng) -> Result<Scene> {
+fn scene(lab: &Lab, victim: usize, padded: bool) -> Result<Scene> {
+    use rand::Rng;
+    // The same candidates with and without padding.
+    let rng = &mut rand_chacha::ChaCha8Rng::seed_from_u64(lab.seed ^ 0xa77a ^ (victim as u64) << 8);
     let t = lab.tenants();
     let attacker = (victim + 1) % t;
     let case = &lab.cases[victim];
-    let frame = lab.frame(victim)?;
-    let cache = lab.private_cache(victim, &frame, None)?;
+    let frame = lab.frame_padded(victim, padded)?;
+    let mut cache = lab.private_cache(victim, &frame, None)?;
+    let mut overflow = cache.take_findings().pad_overflow;
     let offset = lab.prefix.tokens.len();
     let positions: Vec<u32> = (0..case.context.len()).map(|i| (offset + i) as u32).collect();
     let mut rows = Vec::new();
@@ -223,9 +240,10 @@ fn scene(lab: &Lab, victim: usize, rng: &mut impl rand::Rng) -> Result<Scene> {
     // The attacker's session: its own records, then every candidate in a record.
     let mut sent = lab.cases[attacker].context.clone();
     sent.extend(lab.gen.encode(&session_text)?);
-    let own_frame = lab.frame(attacker)?;
+    let own_frame = lab.frame_padded(attacker, padded)?;
     let mut own = lab.empty_cache(&own_frame)?;
     lab.gen.model.forward(&sent, &mut own, &own_frame, lab.variant)?;
+    overflow += own.take_findings().pad_overflow;
     let mut mine = Vec::new();
     for layer in 0..lab.layers() {
         let (k, v) = own.rotated(layer, sent.len())?;
@@ -249,6 +267,8 @@ fn scene(lab: &Lab, victim: usize, rng: &mut impl rand::Rng) -> Result<Scene> {
     let secret_tokens: Vec<u32> =
         case.secrets.iter().filter_map(|s| lab.gen.encode(&format!(" {s}")).ok()).flatten().collect();
     Ok(Scene {
+        padded,
+        overflow,
         rows,
         tokens: case.context.clone(),
         positions,
@@ -262,7 +282,8 @@ fn scene(lab: &Lab, victim: usize, rng: &mut impl rand::Rng) -> Result<Scene> {
 fn view(lab: &Lab, s: &Scene, task: Task, layer: usize, head: usize) -> View {
     View {
         task,
-        head_dim: lab.head_dim() as u32,
+        // The rows' length: d, or d + m on a padded layer.
+        head_dim: s.rows[layer][head].first().map_or(lab.head_dim(), |r| r.k.len()) as u32,
         vocab_size: lab.gen.model.config().vocab_size as u32,
         layer: layer as u32,
         head: head as u32,
@@ -357,10 +378,14 @@ fn call(
 
 pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> Result<AttackReport> {
     let runtime = runtime(opts.deadline).map_err(|e| crate::error::Error::Eval(format!("{e:#}")))?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(lab.seed ^ 0xa77a);
     let victims = opts.victims.clamp(1, lab.tenants());
     progress("building the victims' and attackers' caches");
-    let scenes: Vec<Scene> = (0..victims).map(|v| scene(lab, v, &mut rng)).collect::<Result<_>>()?;
+    let plain: Vec<Scene> = (0..victims).map(|v| scene(lab, v, false)).collect::<Result<_>>()?;
+    let padded: Vec<Scene> = match lab.has_padding() {
+        true => (0..victims).map(|v| scene(lab, v, true)).collect::<Result<_>>()?,
+        false => Vec::new(),
+    };
+    let runs: Vec<&[Scene]> = [plain.as_slice(), padded.as_slice()].into_iter().filter(|s| !s.is_empty()).collect();
     let mut oracle: Option<Arc<OracleTable>> = None;
     let mut report = AttackReport {
         victims,
@@ -368,6 +393,7 @@ pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> R
         membership: Vec::new(),
         procrustes: Vec::new(),
         refused: Vec::new(),
+        padding: None,
     };
 
     for source in &opts.probes {
@@ -419,14 +445,14 @@ pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> R
             let grants = Grants { pairs: Vec::new(), oracle: granted_oracle };
             match task {
                 Task::Reconstruct => {
-                    for layer in 0..lab.layers() {
-                        let row = reconstruction(lab, &scenes, &mut probe, &grants, layer);
+                    for (scenes, layer) in runs.iter().flat_map(|s| (0..lab.layers()).map(move |l| (*s, l))) {
+                        let row = reconstruction(lab, scenes, &mut probe, &grants, layer);
                         report.reconstruction.push(ReconstructionRow { probe: about.name.clone(), experiment, ..row });
                     }
                 }
                 Task::Membership => {
-                    for layer in 0..lab.layers() {
-                        let row = membership(lab, &scenes, &mut probe, &grants, layer);
+                    for (scenes, layer) in runs.iter().flat_map(|s| (0..lab.layers()).map(move |l| (*s, l))) {
+                        let row = membership(lab, scenes, &mut probe, &grants, layer);
                         report.membership.push(MembershipRow { probe: about.name.clone(), experiment, ..row });
                     }
                 }
@@ -435,6 +461,10 @@ pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> R
                 }
             }
         }
+    }
+    if lab.has_padding() {
+        progress("measuring what padding costs");
+        report.padding = Some(super::padcost::measure(lab, &padded)?);
     }
     Ok(report)
 }
@@ -485,6 +515,7 @@ fn reconstruction(lab: &Lab, scenes: &[Scene], probe: &mut Probe, grants: &Grant
         probe: String::new(),
         experiment: "",
         layer,
+        padded: scenes.first().is_some_and(|s| s.padded),
         positions: n as usize,
         correct: correct.iter().sum::<f64>() as usize,
         accuracy,
@@ -550,6 +581,7 @@ fn membership(lab: &Lab, scenes: &[Scene], probe: &mut Probe, grants: &Grants, l
         probe: String::new(),
         experiment: "",
         layer,
+        padded: scenes.first().is_some_and(|s| s.padded),
         positives: pos.len(),
         negatives: neg.len(),
         auc: a,

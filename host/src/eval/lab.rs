@@ -115,6 +115,30 @@ impl<'g> Lab<'g> {
         Ok(self.ring.frame(&self.cases[i].tenant, 0)?)
     }
 
+    /// Lets [`Self::padded_frame`] pad every layer with these settings.
+    pub fn with_padding(mut self, padding: crate::pad::Padding) -> Self {
+        self.ring = self.ring.with_padding(padding);
+        self
+    }
+
+    pub fn has_padding(&self) -> bool {
+        self.ring.padding().is_some()
+    }
+
+    /// Tenant `i`'s frame with every layer norm-padded (needs [`Self::with_padding`]).
+    pub fn padded_frame(&self, i: usize) -> Result<Frame> {
+        let layout = self.ring.layout(vec![true; self.layers()]);
+        Ok(self.ring.padded_frame(&self.cases[i].tenant, 0, &layout)?)
+    }
+
+    /// Tenant `i`'s frame, padded or not.
+    pub fn frame_padded(&self, i: usize, padded: bool) -> Result<Frame> {
+        match padded {
+            true => self.padded_frame(i),
+            false => self.frame(i),
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.gen.model.config().head_dim
     }
@@ -134,7 +158,8 @@ impl<'g> Lab<'g> {
 
     /// A cache after the shared prefix, sealed for `frame` and verified at every layer.
     pub fn empty_cache(&self, frame: &Frame) -> Result<KvCache> {
-        let mut cache = KvCache::after_prefix(self.prefix.clone(), KvPrecision::Exact);
+        let layout = frame.layout().cloned().unwrap_or_else(|| crate::pad::Layout::plain(self.layers()));
+        let mut cache = KvCache::after_prefix(self.prefix.clone(), KvPrecision::Exact).with_layout(layout)?;
         cache.seal_with(self.tag_key.clone(), frame)?;
         cache.set_verify(vec![true; self.layers()]);
         Ok(cache)
@@ -179,6 +204,7 @@ impl<'g> Lab<'g> {
             findings.blocks_verified += f.blocks_verified;
             findings.blocks_masked += f.blocks_masked;
             findings.events.extend(f.events);
+            findings.pad_overflow += f.pad_overflow;
         }
         Ok((out, findings))
     }

@@ -10,6 +10,7 @@
 pub mod attack;
 pub mod lab;
 pub mod matched;
+pub mod padcost;
 mod plot;
 pub mod readout;
 pub mod recall;

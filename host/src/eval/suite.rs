@@ -34,6 +34,8 @@ pub struct EvalOptions {
     pub seed: u64,
     pub out: PathBuf,
     pub attack: AttackOptions,
+    /// Norm padding for the attack's padded runs; None: no padded runs.
+    pub padding: Option<crate::pad::Padding>,
 }
 
 /// Everything `report.json` holds. Sections not run are absent.
@@ -90,6 +92,10 @@ pub fn run(gen: &Generator, model_name: &str, opts: &EvalOptions, progress: &mut
     let started = Instant::now();
     progress.note(&format!("preparing {} tenants", opts.tenants));
     let lab = Lab::new(gen, model_name, opts.tenants, opts.records, opts.seed)?;
+    let lab = match &opts.padding {
+        Some(p) => lab.with_padding(p.clone()),
+        None => lab,
+    };
     let cfg = gen.model.config();
     let mut report = Report {
         schema: 1,
