@@ -95,10 +95,6 @@ impl LayerRotation {
         self.d + self.pad.as_ref().map_or(0, |p| p.extra)
     }
 
-    pub fn is_padded(&self) -> bool {
-        self.pad.is_some()
-    }
-
     /// [k; r] and [v; r'] for (kv, t, d) plaintext rows at context positions
     /// pos.., in their dtype, and the number of rows too long to pad; the rows
     /// unchanged on an unpadded layer.
@@ -361,8 +357,11 @@ pub struct Keyring {
     exact: bool,
     device: Device,
     padding: Option<Arc<Padding>>,
-    cache: Mutex<lru::LruCache<([u8; 32], Layout), Arc<TenantRotation>>>,
+    cache: Mutex<lru::LruCache<FrameKey, Arc<TenantRotation>>>,
 }
+
+/// A derived frame's identity: the key's public fingerprint and the layout.
+type FrameKey = ([u8; 32], Layout);
 
 impl Keyring {
     pub fn new(

@@ -93,10 +93,10 @@ fn eval_all_at_twenty_tenants_reproduces_the_claims_finds_the_norm_channel_and_p
         assert_eq!(row.failures.failed_calls, 0, "{} layer {}: {:?}", row.probe, row.layer, row.failures.first_error);
     }
     let probes: std::collections::BTreeSet<&str> = attack.reconstruction.iter().map(|r| r.probe.as_str()).collect();
-    assert_eq!(probes.len(), 5, "{probes:?}");
+    assert_eq!(probes.len(), 6, "{probes:?}");
     // Two membership adversaries, every layer, unpadded and padded.
     assert_eq!(attack.membership.len(), 2 * 2 * report.layers);
-    assert_eq!(attack.reconstruction.iter().filter(|r| r.padded).count(), 5 * report.layers);
+    assert_eq!(attack.reconstruction.iter().filter(|r| r.padded).count(), 6 * report.layers);
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap()).unwrap();

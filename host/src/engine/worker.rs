@@ -327,8 +327,8 @@ impl State {
             }
             return Some(p);
         }
-        let plan = Plan { verify: gates.iter().map(|g| g.verify).collect(), layout };
-        self.start(p, key, checkout, prefix, plan, held, reserve.max(held_usable));
+        let verify = gates.iter().map(|g| g.verify).collect();
+        self.start(p, key, checkout, prefix, Plan { verify, layout, held, reserved: reserve.max(held_usable) });
         None
     }
 
@@ -513,11 +513,9 @@ impl State {
         checkout: Checkout,
         prefix: Option<Arc<SharedPrefix>>,
         plan: Plan,
-        held: u64,
-        reserved: u64,
     ) {
         let Pending { req, tx, .. } = p;
-        let Plan { verify, layout } = plan;
+        let Plan { verify, layout, held, reserved } = plan;
         let frame = match self.keyring.padded_frame(&req.tenant.name, req.tenant.epoch, &layout) {
             Ok(f) => f,
             Err(e) => {
@@ -886,11 +884,14 @@ impl State {
     }
 }
 
-/// What the depth-gate decided for a request: the layers attention verifies and
-/// its cache's layout.
+/// What admission decided for a request: the layers attention verifies and its
+/// cache's layout (the depth gate's), and the ledger's bytes.
 struct Plan {
     verify: Vec<bool>,
     layout: crate::pad::Layout,
+    /// Bytes its session's cache held before, and bytes reserved for it now.
+    held: u64,
+    reserved: u64,
 }
 
 /// Tokens `cached` shares with the start of `prompt`, leaving at least one prompt

@@ -12,9 +12,9 @@ use std::time::Instant;
 
 /// Sequences in each timed decode batch, and steps per timing.
 const BATCH: usize = 8;
-const STEPS: usize = 16;
+const STEPS: usize = 48;
 /// Timings per side, alternated; the fastest of each is kept (noise only slows).
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PadCost {

@@ -400,7 +400,7 @@ fn padding_section(s: &mut String, a: &super::attack::AttackReport, cost: &super
     }
     let _ = writeln!(
         s,
-        "\nCost: a padded layer stores (d + m) / d = {:.3}x the bytes (d = {}); the whole cache {:.3}x with layer 0 padded (the default depth gate) and {:.3}x with every layer padded. Decode, {} tenants in one batch, every layer padded vs none: {:.1} vs {:.1} tok/s, ratio {:.3} (fastest of 3 alternating timings each). Rows over the calibrated norm (left unpadded, reported, never clipped): {}.",
+        "\nCost: a padded layer stores (d + m) / d = {:.3}x the bytes (d = {}); the whole cache {:.3}x with layer 0 padded (the default depth gate) and {:.3}x with every layer padded. Decode, {} tenants in one batch, every layer padded vs none: {:.1} vs {:.1} tok/s, ratio {:.3} (fastest of 5 alternating timings each). Rows over the calibrated norm (left unpadded, reported, never clipped): {}.",
         cost.layer_memory_ratio,
         cost.head_dim,
         cost.cache_memory_ratio_layer0,

@@ -281,13 +281,11 @@ impl Qwen2 {
         }
         let mut rows: Vec<Option<Tensor>> = vec![None; seqs.len()];
         for (_, members) in groups {
-            let mut group: Vec<BatchSeq<'_>> = Vec::with_capacity(members.len());
-            // Reborrow each member's cache for the group's step.
-            let mut rest: Vec<Option<&mut BatchSeq<'_>>> = seqs.iter_mut().map(Some).collect();
-            for &i in &members {
-                let s = rest[i].take().expect("each sequence is in one group");
-                group.push(BatchSeq { token: s.token, cache: &mut *s.cache, frame: s.frame });
-            }
+            // The members, in batch order, reborrowed for the group's step.
+            let mut group: Vec<BatchSeq<'_>> = (seqs.iter_mut().enumerate())
+                .filter(|(i, _)| members.contains(i))
+                .map(|(_, s)| BatchSeq { token: s.token, cache: &mut *s.cache, frame: s.frame })
+                .collect();
             let logits = self.decode_batch(&mut group, variant)?;
             for (j, &i) in members.iter().enumerate() {
                 rows[i] = Some(logits.get(j)?);
