@@ -233,7 +233,9 @@ fn a_third_party_adversary_from_examples_runs_through_probe_and_is_scored() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("report.json")).unwrap()).unwrap();
     let rows = report.pointer("/attack/reconstruction").and_then(|r| r.as_array()).unwrap();
-    assert_eq!(rows.len(), 2, "one row per layer of the embedded model");
+    // One row per layer of the embedded model, on unpadded and on norm-padded caches.
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.iter().filter(|r| r["padded"] == true).count(), 2);
     for row in rows {
         assert_eq!(row["probe"], "most-frequent");
         assert_eq!(row["failed_calls"], 0);
