@@ -141,6 +141,8 @@ pub struct IsolationReport {
     pub events: usize,
     /// Layers whose rows are norm-padded (see [`crate::pad`]).
     pub padded_layers: Vec<usize>,
+    /// Layers the depth gate left in the model's frame: their rows are plaintext.
+    pub unrotated_layers: Vec<usize>,
     /// Rows left unpadded there because their norm exceeded the calibration.
     pub pad_overflow: u64,
 }
@@ -151,9 +153,10 @@ impl IsolationReport {
         Self { checked_layers: checked, unchecked_layers: unchecked, ..Self::default() }
     }
 
-    /// The report of a cache whose `padded_layers` are padded.
-    pub fn padded(mut self, padded_layers: Vec<usize>) -> Self {
-        self.padded_layers = padded_layers;
+    /// The report of a cache of `layout`: its padded and unrotated layers.
+    pub fn laid_out(mut self, layout: &crate::pad::Layout) -> Self {
+        self.padded_layers = layout.padded_layers();
+        self.unrotated_layers = layout.unrotated_layers();
         self
     }
 

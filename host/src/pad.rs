@@ -66,32 +66,54 @@ pub fn measure(dir: &ModelDir, gen: &Generator, margin: f64) -> crate::Result<Ca
     Calibration::measure(&gen.model, &dir.model_id(), &documents, margin)
 }
 
-/// Which layers of a cache are padded, and by how many dimensions: fixed when the
-/// cache is created (its rows' width depends on it).
+/// How a tenant's cache is laid out, layer by layer: which layers are padded, and
+/// by how many dimensions, and which the depth gate left unrotated (in the model's
+/// frame). Fixed when the cache is created (its rows' width depends on it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Layout {
     padded: Vec<bool>,
     extra: usize,
+    unrotated: Vec<bool>,
 }
 
 impl Layout {
     /// `padded[layer]` layers get `extra` dimensions; with `extra` 0 none do.
     pub fn new(padded: Vec<bool>, extra: usize) -> Self {
+        let unrotated = vec![false; padded.len()];
         let padded = if extra == 0 { vec![false; padded.len()] } else { padded };
-        Self { padded, extra }
+        Self { padded, extra, unrotated }
     }
 
-    /// No layer padded.
+    /// Leaves `unrotated[layer]` layers in the model's frame (and unpadded: a pad
+    /// hides a length only inside a secret rotation).
+    pub fn with_unrotated(mut self, unrotated: Vec<bool>) -> Self {
+        for (p, &u) in self.padded.iter_mut().zip(&unrotated) {
+            *p &= !u;
+        }
+        self.unrotated = unrotated;
+        self
+    }
+
+    /// Every layer rotated, none padded.
     pub fn plain(layers: usize) -> Self {
-        Self { padded: vec![false; layers], extra: 0 }
+        Self { padded: vec![false; layers], extra: 0, unrotated: vec![false; layers] }
     }
 
     pub fn is_padded(&self, layer: usize) -> bool {
         self.padded.get(layer).copied().unwrap_or(false)
     }
 
+    pub fn is_rotated(&self, layer: usize) -> bool {
+        !self.unrotated.get(layer).copied().unwrap_or(false)
+    }
+
+    /// Whether anything differs from [`Self::plain`].
     pub fn any(&self) -> bool {
-        self.padded.iter().any(|&p| p)
+        self.padded.iter().chain(&self.unrotated).any(|&p| p)
+    }
+
+    pub fn unrotated_layers(&self) -> Vec<usize> {
+        (0..self.unrotated.len()).filter(|&l| self.unrotated[l]).collect()
     }
 
     pub fn extra(&self) -> usize {

@@ -247,7 +247,8 @@ pub struct TenantRotation {
     tenant: String,
     epoch: u64,
     layout: Layout,
-    layers: Vec<LayerRotation>,
+    /// None where the layout leaves a layer unrotated.
+    layers: Vec<Option<LayerRotation>>,
 }
 
 impl TenantRotation {
@@ -264,11 +265,15 @@ impl TenantRotation {
         padding: Option<&Padding>,
     ) -> Result<Self> {
         let RotationShape { layers, kv_heads, head_dim: d } = shape;
-        if layout.any() && padding.is_none() {
+        if !layout.padded_layers().is_empty() && padding.is_none() {
             candle_core::bail!("a padded layout needs a pad calibration")
         }
         let mut out = Vec::with_capacity(layers);
         for layer in 0..layers {
+            if !layout.is_rotated(layer) {
+                out.push(None);
+                continue;
+            }
             let w = layout.width(layer, d);
             let mut r = Vec::with_capacity(kv_heads * w * w);
             let mut s = Vec::with_capacity(kv_heads * w * w);
@@ -294,13 +299,14 @@ impl TenantRotation {
                     })
                 }
             };
-            out.push(LayerRotation { compute, exact, d, pad });
+            out.push(Some(LayerRotation { compute, exact, d, pad }));
         }
         Ok(Self { tenant: key.tenant().to_owned(), epoch: key.epoch(), layout: layout.clone(), layers: out })
     }
 
-    pub fn layer(&self, layer: usize) -> &LayerRotation {
-        &self.layers[layer]
+    /// The layer's rotation; None where the layout leaves it unrotated.
+    pub fn layer(&self, layer: usize) -> Option<&LayerRotation> {
+        self.layers[layer].as_ref()
     }
 
     pub fn tenant(&self) -> &str {
@@ -329,11 +335,12 @@ impl Frame {
     pub fn layer(&self, layer: usize) -> Option<&LayerRotation> {
         match self {
             Frame::Identity => None,
-            Frame::Tenant(rot) => Some(rot.layer(layer)),
+            Frame::Tenant(rot) => rot.layer(layer),
         }
     }
 
-    /// The cache layout this frame writes; None for the identity (nothing padded).
+    /// The cache layout this frame writes; None for the identity and for a plain
+    /// layout (every layer rotated, none padded).
     pub fn layout(&self) -> Option<&Layout> {
         match self {
             Frame::Identity => None,
@@ -393,6 +400,11 @@ impl Keyring {
             Some(p) => Layout::new(padded, p.extra),
             None => Layout::plain(padded.len()),
         }
+    }
+
+    /// The layout a depth gate's per-layer decisions ask for: (rotate, pad) per layer.
+    pub fn gated_layout(&self, gates: &[(bool, bool)]) -> Layout {
+        self.layout(gates.iter().map(|g| g.1).collect()).with_unrotated(gates.iter().map(|g| !g.0).collect())
     }
 
     /// Drops the cached rotations of (tenant, epoch) in every layout; they are
@@ -492,7 +504,8 @@ mod tests {
         };
         assert!(Arc::ptr_eq(&a, &b));
         let Frame::Tenant(c) = ring.frame("a", 1).unwrap() else { panic!() };
-        let diff = (a.layer(0).matrices().0 - c.layer(0).matrices().0).unwrap().abs().unwrap().max_all().unwrap();
+        let (a, c) = (a.layer(0).unwrap(), c.layer(0).unwrap());
+        let diff = (a.matrices().0 - c.matrices().0).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() > 0.01);
     }
 }

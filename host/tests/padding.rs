@@ -199,6 +199,28 @@ fn a_padded_frame_cannot_write_into_a_cache_of_another_layout() {
 }
 
 #[test]
+fn a_layer_left_unrotated_holds_plaintext_while_the_others_stay_rotated() {
+    let (gen, calibration) = embedded();
+    let ring = ring(&gen, &calibration, true);
+    let layout = Layout::new(vec![true, false], EXTRA).with_unrotated(vec![false, true]);
+    let frame = ring.padded_frame("alice", 0, &layout).unwrap();
+    let tokens = prompt(&gen);
+    let mut cache = cache_for(&gen, &frame, KvPrecision::Exact);
+    let mut trace = Trace::default();
+    gen.model.forward_traced(&tokens, &mut cache, &frame, Variant::ProbeTime, Some(&mut trace)).unwrap();
+    let stored = |layer: usize| cache.rotated(layer, cache.len()).unwrap().0.to_dtype(DType::F32).unwrap();
+    assert_eq!(stored(1).to_vec3::<f32>().unwrap(), trace.k[1].to_vec3::<f32>().unwrap(), "layer 1 is plaintext");
+    assert_eq!(stored(0).dim(2).unwrap(), gen.model.config().head_dim + EXTRA, "layer 0 is padded and rotated");
+    // The same logits as every layer rotated.
+    let all = ring.frame("alice", 0).unwrap();
+    let mut other = cache_for(&gen, &all, KvPrecision::Exact);
+    let a = gen.model.forward(&tokens, &mut other, &all, Variant::ProbeTime).unwrap();
+    let mut again = cache_for(&gen, &frame, KvPrecision::Exact);
+    let b = gen.model.forward(&tokens, &mut again, &frame, Variant::ProbeTime).unwrap();
+    assert!((a - b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() < 1e-3);
+}
+
+#[test]
 fn the_stored_calibration_matches_a_fresh_measurement() {
     let dir = ModelDir::embedded().unwrap();
     let gen = Generator::load(&dir, DType::F32, &Device::Cpu).unwrap();

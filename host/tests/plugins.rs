@@ -194,6 +194,8 @@ fn depth_gates_pad_layer_zero_by_default_and_pad_all_or_none_pad_every_or_no_lay
     assert_eq!(pads("verify-sampled", "pad=0"), [false; 4]);
     assert_eq!(pads("pad-all", ""), [true; 4]);
     assert_eq!(pads("pad-none", ""), [false; 4]);
+    let rotated = set_with(PolicyKind::DepthGate, "verify-all", "rotate=1").gates(&shape, 1, 10);
+    assert_eq!(rotated.value.iter().map(|g| g.rotate).collect::<Vec<_>>(), [true, false, false, false]);
     // Without a component, the native fallback pads layer 0 too.
     let fallback = PolicySet::new(runtime(relaxed())).gates(&shape, 1, 10);
     assert_eq!(fallback.value.iter().map(|g| g.pad).collect::<Vec<_>>(), [true, false, false, false]);

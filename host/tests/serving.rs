@@ -408,6 +408,19 @@ async fn the_depth_gate_decides_which_layers_are_padded_and_a_session_keeps_its_
 }
 
 #[tokio::test]
+async fn a_layer_the_depth_gate_leaves_unrotated_is_reported_and_changes_no_token() {
+    let f = fixture();
+    let set = policies();
+    set.swap(PolicyKind::DepthGate, "verify-all", &shipped("verify-all"), "rotate=1").unwrap();
+    let e = engine(&f, EngineConfig::default(), set);
+    let (tokens, _, last) = submit(&e, tenant(1), None, prompt(1, 30), 8).collect().await;
+    let report = isolation(&last);
+    assert_eq!((report.unrotated_layers, report.checked_layers), (vec![1], vec![0, 1]));
+    assert_eq!(report.events, 0, "blocks sealed and verified in the model's frame");
+    assert_eq!(tokens, solo(&f, &tenant(1), &prompt(1, 30), 8));
+}
+
+#[tokio::test]
 async fn an_unused_shared_prefix_is_evicted_for_room_and_prefilled_again_when_asked_for() {
     let f = fixture();
     let prefix = prompt(77, 64);

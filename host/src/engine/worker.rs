@@ -280,7 +280,7 @@ impl State {
         let gates = self.policies.gates(&model_shape, p.req.tenant.id, p.req.prompt.len() as u32).value;
         let layout = match (&checkout, &prefix) {
             (Checkout::Cached { cache, .. }, None) if reuse > 0 => cache.layout().clone(),
-            _ => self.keyring.layout(gates.iter().map(|g| g.pad).collect()),
+            _ => self.keyring.gated_layout(&gates.iter().map(|g| (g.rotate, g.pad)).collect::<Vec<_>>()),
         };
         let total = (p.req.prompt.len() + p.req.params.max_tokens).min(self.shape.max_len);
         let reserve = KvCache::bytes_for(self.shape, &layout, self.store_dtype(), total - offset) as u64;
@@ -545,7 +545,7 @@ impl State {
         // Reuse the longest common prefix; at least one prompt token runs, for logits.
         let common = common_prefix(&cached_tokens, &req.prompt);
         let total = (req.prompt.len() + req.params.max_tokens).min(self.shape.max_len);
-        let isolation = IsolationReport::new(&verify).padded(layout.padded_layers());
+        let isolation = IsolationReport::new(&verify).laid_out(&layout);
         let prepared = cache.and_then(|mut c| {
             // A new cache is sealed from its first row; a session's already is (and
             // sealing it again would bless whatever it holds now).
