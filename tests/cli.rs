@@ -249,3 +249,20 @@ fn eval_spot_check_without_a_readout_says_to_run_the_readout_first() {
     let out = kframe(&["eval", "spot-check", "--tenants", "4", "--out", tmp.path().to_str().unwrap()]);
     assert_clean_error(&out, "kframe eval readout");
 }
+
+#[test]
+fn calibrate_writes_a_pad_calibration_that_eval_uses_and_a_malformed_one_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    synth_model(&model);
+    let file = model.join("kframe-pad.json");
+    let out = kframe(&["calibrate", "--model", model.to_str().unwrap(), "--out", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(stored["max_k"].as_array().map(Vec::len), Some(2), "one entry per layer: {stored}");
+    assert!(stored["max_k"][0][0].as_f64().unwrap() > 0.0);
+    std::fs::write(&file, r#"{"model": "broken"}"#).unwrap();
+    let args = ["eval", "attack", "--tenants", "2", "--no-reference", "--model", model.to_str().unwrap()];
+    let out = kframe(&[&args[..], &["--out", tmp.path().join("out").to_str().unwrap()]].concat());
+    assert_clean_error(&out, "kframe-pad.json");
+}

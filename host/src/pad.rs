@@ -51,8 +51,14 @@ pub fn calibration_for(dir: &ModelDir, gen: &Generator) -> crate::Result<Calibra
     if let Some(stored) = dir.stored_calibration()? {
         return Ok(stored);
     }
-    tracing::info!(
-        "no {CALIBRATION_FILE} with the model: measuring the pad calibration (`kframe calibrate` stores one)"
+    // The whole vocabulary runs through the model: seconds for the embedded model,
+    // long for a large one on CPU; hence the stored file.
+    tracing::warn!(
+        "no {CALIBRATION_FILE} in {}: measuring the pad calibration now ({} vocabulary tokens and {CALIBRATION_DOCUMENTS} \
+         documents through the model); `kframe calibrate --out {}` stores one",
+        dir.path.display(),
+        gen.model.config().vocab_size,
+        dir.path.join(CALIBRATION_FILE).display()
     );
     measure(dir, gen, DEFAULT_MARGIN)
 }
