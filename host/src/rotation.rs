@@ -149,7 +149,7 @@ impl LayerRotation {
 }
 
 /// (.., n, d) rows with zeros appended to `width` columns.
-fn zero_pad(x: &Tensor, width: usize) -> Result<Tensor> {
+pub(crate) fn zero_pad(x: &Tensor, width: usize) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     if d == width {
         return Ok(x.clone());

@@ -86,6 +86,10 @@ fn eval_all_at_twenty_tenants_reproduces_the_claims_finds_the_norm_channel_and_p
     assert!(padded.at_baseline, "norm-match with padding {padded:?}");
     let cost = attack.padding.as_ref().unwrap();
     assert_eq!(cost.layer_memory_ratio, (d + cost.extra) as f64 / d as f64);
+    // The cache's own byte count agrees: all layers padded costs the layer ratio,
+    // layer 0 alone less.
+    assert!((cost.cache_memory_ratio_all - cost.layer_memory_ratio).abs() < 1e-12, "{cost:?}");
+    assert!(1.0 < cost.cache_memory_ratio_layer0 && cost.cache_memory_ratio_layer0 < cost.cache_memory_ratio_all);
     assert!(cost.decode_ratio > 0.0 && cost.decode_tok_s_padded > 0.0, "{cost:?}");
 
     // Every shipped adversary answered every call.

@@ -125,18 +125,11 @@ impl<'g> Lab<'g> {
         self.ring.padding().is_some()
     }
 
-    /// Tenant `i`'s frame with every layer norm-padded (needs [`Self::with_padding`]).
-    pub fn padded_frame(&self, i: usize) -> Result<Frame> {
-        let layout = self.ring.layout(vec![true; self.layers()]);
-        Ok(self.ring.padded_frame(&self.cases[i].tenant, 0, &layout)?)
-    }
-
-    /// Tenant `i`'s frame, padded or not.
+    /// Tenant `i`'s frame, with every layer norm-padded or none (padding needs
+    /// [`Self::with_padding`]).
     pub fn frame_padded(&self, i: usize, padded: bool) -> Result<Frame> {
-        match padded {
-            true => self.padded_frame(i),
-            false => self.frame(i),
-        }
+        let layout = self.ring.layout(vec![padded; self.layers()]);
+        Ok(self.ring.padded_frame(&self.cases[i].tenant, 0, &layout)?)
     }
 
     pub fn head_dim(&self) -> usize {

@@ -49,7 +49,7 @@ pub(super) fn measure(lab: &Lab, padded_scenes: &[Scene]) -> Result<PadCost> {
     let unpadded = bytes(&Layout::plain(layers));
     let batch = BATCH.min(lab.tenants());
     let plain: Vec<Frame> = (0..batch).map(|i| lab.frame(i)).collect::<Result<_>>()?;
-    let padded: Vec<Frame> = (0..batch).map(|i| lab.padded_frame(i)).collect::<Result<_>>()?;
+    let padded: Vec<Frame> = (0..batch).map(|i| lab.frame_padded(i, true)).collect::<Result<_>>()?;
     let (mut best_plain, mut best_padded) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..ROUNDS {
         best_plain = best_plain.min(time_decode(lab, &plain)?);

@@ -15,7 +15,7 @@ pub use config::Config;
 
 use crate::cache::{CacheShape, KvCache, KvPrecision};
 use crate::error::{Error, Result};
-use crate::rotation::{BatchRotation, Frame, RotationShape};
+use crate::rotation::{zero_pad, BatchRotation, Frame, RotationShape};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
@@ -243,8 +243,7 @@ impl Qwen2 {
         }
         // Rows of different widths cannot share a batched matmul: each cache layout
         // runs as its own batch (a sequence's logits do not depend on its batch).
-        let layout = |s: &BatchSeq<'_>| s.frame.layout().cloned();
-        if seqs.iter().any(|s| layout(s) != layout(&seqs[0])) {
+        if seqs.iter().any(|s| s.frame.layout() != seqs[0].frame.layout()) {
             return self.decode_by_layout(seqs, variant);
         }
         let tokens: Vec<u32> = seqs.iter().map(|s| s.token).collect();
@@ -446,16 +445,22 @@ impl Attention {
         let v = heads(self.v_proj.forward(xs)?, kv)?.reshape((b * kv, 1, d))?;
         let q = candle_nn::rotary_emb::rope(&q, &rope.cos, &rope.sin)?.reshape((b * kv, g, d))?;
         let k = candle_nn::rotary_emb::rope(&k, &rope.cos, &rope.sin)?.reshape((b * kv, 1, d))?;
-        // Padded layers: every sequence's pads, at its own position.
+        // Padded layers: every sequence's pads, at its own position. An exact cache
+        // is padded and rotated in f64 below; its row here only fills the batch.
         let (k_in, v_in) = if rot.width() == d {
             (k.clone(), v.clone())
         } else {
             let (mut ks, mut vs) = (Vec::with_capacity(b), Vec::with_capacity(b));
             for (j, s) in seqs.iter_mut().enumerate() {
-                let r = s.frame.layer(index).expect("only tenant frames are padded");
-                let pos = s.cache.len();
-                let (k, v, overflow) = r.pad_kv(&k.narrow(0, j * kv, kv)?, &v.narrow(0, j * kv, kv)?, pos)?;
-                s.cache.note_overflow(overflow);
+                let (k, v) = (k.narrow(0, j * kv, kv)?, v.narrow(0, j * kv, kv)?);
+                let (k, v) = match s.frame.layer(index) {
+                    Some(r) if s.cache.store_dtype() == xs.dtype() => {
+                        let (k, v, overflow) = r.pad_kv(&k, &v, s.cache.len())?;
+                        s.cache.note_overflow(overflow);
+                        (k, v)
+                    }
+                    _ => (zero_pad(&k, rot.width())?, zero_pad(&v, rot.width())?),
+                };
                 ks.push(k);
                 vs.push(v);
             }
@@ -475,8 +480,8 @@ impl Attention {
             let pos = s.cache.len();
             let (k_store, v_store) = match layer_rot {
                 Some(r) if s.cache.store_dtype() != xs.dtype() => {
-                    // (Pads again in f64; the overflow was counted above.)
-                    let (k, v, _) = r.rotate_kv(&rows(&k)?, &rows(&v)?, s.cache.store_dtype(), pos)?;
+                    let (k, v, overflow) = r.rotate_kv(&rows(&k)?, &rows(&v)?, s.cache.store_dtype(), pos)?;
+                    s.cache.note_overflow(overflow);
                     (k, v)
                 }
                 _ => (rows(&k_rot)?, rows(&v_rot)?),
