@@ -15,4 +15,8 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c "import open
     target/pyenv/bin/pip install --quiet --disable-pip-version-check openai
 fi
 export KFRAME_TEST_PYTHON="$PWD/target/pyenv/bin/python"
+# In-process tests call candle directly, without the binary's start-up fix
+# (kframe::device::pin_compute_threads): with the pool size unset, candle reads
+# /proc/cpuinfo on every matmul.
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN)}"
 cargo test --no-fail-fast

@@ -64,3 +64,17 @@ pub fn dtype(arg: DtypeArg, device: &Device) -> DType {
         },
     }
 }
+
+/// Fixes the size of the compute thread pool once, before any thread starts.
+///
+/// candle-core (0.11, Linux) sizes each CPU matmul's parallelism from
+/// `RAYON_NUM_THREADS` and, when it is unset, counts physical cores by reading
+/// `/proc/cpuinfo` again on every matmul: about half of a small model's decode
+/// step went there. Setting the variable to that same count keeps candle's default
+/// and drops the per-call read. An operator's own `RAYON_NUM_THREADS` is kept.
+pub fn pin_compute_threads() {
+    let set = std::env::var("RAYON_NUM_THREADS").ok().and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n > 0);
+    if !set {
+        std::env::set_var("RAYON_NUM_THREADS", num_cpus::get_physical().max(1).to_string());
+    }
+}

@@ -177,15 +177,21 @@ pub struct BlockAt {
     pub rows: usize,
 }
 
+/// The block's keyed hash over k || v || tenant || tenant length || epoch ||
+/// layer || head || start || rows || k length (integers u64 little-endian). Read
+/// from the end, the fields are fixed-width up to the tenant, whose length comes
+/// after it, so the encoding is unambiguous. The bytes come first so that blake3
+/// hashes them from a chunk boundary, several chunks at once: with the fields in
+/// front, a 32-row block hashed at less than half the speed.
 fn tag(key: &TagKey, owner: &Owner, at: BlockAt, k: &[u8], v: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new_keyed(&key.0);
-    h.update(&(owner.tenant.len() as u64).to_le_bytes());
-    h.update(owner.tenant.as_bytes());
-    for n in [owner.epoch, at.layer as u64, at.head as u64, at.start as u64, at.rows as u64, k.len() as u64] {
-        h.update(&n.to_le_bytes());
-    }
     h.update(k);
     h.update(v);
+    h.update(owner.tenant.as_bytes());
+    let fields = [owner.tenant.len() as u64, owner.epoch, at.layer as u64, at.head as u64, at.start as u64];
+    for n in fields.into_iter().chain([at.rows as u64, k.len() as u64]) {
+        h.update(&n.to_le_bytes());
+    }
     *h.finalize().as_bytes()
 }
 

@@ -227,24 +227,28 @@ impl LayerPad {
             crate::keys::Which::K => (&self.k_seeds, &self.k_norm),
             crate::keys::Which::V => (&self.v_seeds, &self.v_norm),
         };
-        let (kv, t, _) = x.dims3()?;
+        let (kv, t, d) = x.dims3()?;
         let m = self.extra;
-        let sq = x.to_dtype(DType::F64)?.sqr()?.sum(2)?.to_vec2::<f64>()?; // (kv, t)
-        let mut pads = Zeroizing::new(Vec::with_capacity(kv * t * m));
+        // Rows are built in f64 and cast back once: the plaintext part round-trips
+        // exactly (every f32, f16 and bf16 value is an f64), and a handful of
+        // tensor ops stay a handful (this runs per sequence per decode step).
+        let rows = Zeroizing::new(x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+        let mut padded = Zeroizing::new(Vec::with_capacity(kv * t * (d + m)));
         let mut overflow = 0;
-        for head in 0..kv {
+        for (j, row) in rows.chunks_exact(d).enumerate() {
+            let (head, i) = (j / t, j % t);
             let c2 = norms[head] * norms[head];
-            for (i, &n2) in sq[head].iter().enumerate() {
-                if n2 > c2 {
-                    overflow += 1;
-                }
-                let length = (c2 - n2).max(0.0).sqrt();
-                let dir = direction(&seeds[head], (pos + i) as u64, m);
-                pads.extend(dir.iter().map(|u| u * length));
+            let n2: f64 = row.iter().map(|x| x * x).sum();
+            if n2 > c2 {
+                overflow += 1;
             }
+            let length = (c2 - n2).max(0.0).sqrt();
+            let dir = direction(&seeds[head], (pos + i) as u64, m);
+            padded.extend_from_slice(row);
+            padded.extend(dir.iter().map(|u| u * length));
         }
-        let pads = Tensor::from_slice(&pads, (kv, t, m), x.device())?.to_dtype(x.dtype())?;
-        Ok((Tensor::cat(&[x, &pads], 2)?, overflow))
+        let padded = Tensor::from_slice(&padded, (kv, t, d + m), x.device())?.to_dtype(x.dtype())?;
+        Ok((padded, overflow))
     }
 }
 

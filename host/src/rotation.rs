@@ -11,7 +11,7 @@
 
 use crate::keys::{MasterSecret, TenantKey, Which};
 use crate::pad::{LayerPad, Layout, Padding};
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -118,9 +118,10 @@ impl LayerRotation {
         Ok((k.matmul(&m.r_t)?, v.matmul(&m.s_t)?, overflow))
     }
 
-    /// Probe-time: q' = R [q; 0] for (kv, g*t, d) queries grouped by their kv head.
+    /// Probe-time: q' = R [q; 0] for (kv, g*t, d) queries grouped by their kv head:
+    /// q times the first d rows of R^T, so the zeros are never built.
     pub fn rotate_q(&self, q: &Tensor) -> Result<Tensor> {
-        zero_pad(q, self.width())?.matmul(&self.compute.r_t)
+        q.matmul(&self.compute.r_t.narrow(1, 0, self.d)?)
     }
 
     /// Probe-time: o = S^T o' for (kv, g*t, width) attention outputs, cut to d.
@@ -148,89 +149,12 @@ impl LayerRotation {
     }
 }
 
-/// (.., n, d) rows with zeros appended to `width` columns.
-pub(crate) fn zero_pad(x: &Tensor, width: usize) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    if d == width {
-        return Ok(x.clone());
-    }
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("rows have a last dimension") = width - d;
-    Tensor::cat(&[x, &Tensor::zeros(dims, x.dtype(), x.device())?], D::Minus1)
-}
-
 impl Drop for LayerRotation {
     fn drop(&mut self) {
         self.compute.zeroize();
         if let Some(exact) = &self.exact {
             exact.zeroize();
         }
-    }
-}
-
-/// The rotations of a batch of sequences at one layer, stacked as (batch * kv, w, w)
-/// in the compute dtype, so that one batched matmul puts every sequence's vectors in
-/// its own frame. A sequence in the identity frame gets the identity matrix, which
-/// leaves its vectors bit for bit unchanged. Every frame of a batch has the same
-/// width w at the layer (the model batches sequences of one layout together).
-pub struct BatchRotation {
-    width: usize,
-    r_t: Tensor,
-    s: Tensor,
-    s_t: Tensor,
-}
-
-impl BatchRotation {
-    pub fn new(
-        frames: &[&Frame],
-        layer: usize,
-        kv_heads: usize,
-        d: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let width = |f: &Frame| f.layer(layer).map_or(d, LayerRotation::width);
-        let w = frames.first().map_or(d, |f| width(f));
-        if frames.iter().any(|f| width(f) != w) {
-            candle_core::bail!("a batch mixes row widths at layer {layer}: batch one layout at a time")
-        }
-        // The identity stands in for frames without a rotation; built only when needed.
-        let eye = match frames.iter().any(|f| f.layer(layer).is_none()) {
-            true => Some(Tensor::eye(d, dtype, device)?.unsqueeze(0)?.repeat((kv_heads, 1, 1))?),
-            false => None,
-        };
-        let pick = |f: fn(&Mats) -> &Tensor| -> Result<Tensor> {
-            let parts: Vec<&Tensor> = frames
-                .iter()
-                .map(|frame| match frame.layer(layer) {
-                    Some(l) => f(&l.compute),
-                    None => eye.as_ref().expect("built above for identity frames"),
-                })
-                .collect();
-            Tensor::cat(&parts, 0)
-        };
-        Ok(Self { width: w, r_t: pick(|m| &m.r_t)?, s: pick(|m| &m.s)?, s_t: pick(|m| &m.s_t)? })
-    }
-
-    /// The rows' width at this layer.
-    pub fn width(&self) -> usize {
-        self.width
-    }
-
-    /// k' = R k for (batch * kv, n, w) padded rows, or (probe-time) q' = R [q; 0]
-    /// for (batch * kv, n, d) queries.
-    pub fn rotate_k(&self, x: &Tensor) -> Result<Tensor> {
-        zero_pad(x, self.width)?.matmul(&self.r_t)
-    }
-
-    /// v' = S v for (batch * kv, n, w) padded rows.
-    pub fn rotate_v(&self, v: &Tensor) -> Result<Tensor> {
-        v.matmul(&self.s_t)
-    }
-
-    /// Probe-time: o = S^T o' for (batch * kv, n, w) attention outputs, cut to `d`.
-    pub fn unrotate_out(&self, o: &Tensor, d: usize) -> Result<Tensor> {
-        o.matmul(&self.s)?.narrow(2, 0, d)
     }
 }
 

@@ -7,7 +7,8 @@
 //!   (`rotate-copy`). Frames are derived beforehand in every arm, and each arm is
 //!   also timed through the tenant's first own token.
 //! - Batching: aggregate decode tok/s through the engine with 32 concurrent
-//!   tenants against one.
+//!   tenants against one (64 tokens each after a 16-token prompt; the fastest of
+//!   five alternating rounds of each).
 //! - Residency: process memory per resident session beyond its K/V (the slope
 //!   over the second half of a few thousand sessions), and the tenants with 256
 //!   private tokens that fit in 24 GiB at that rate.
@@ -98,6 +99,9 @@ pub(super) fn model_dir() -> crate::Result<(ModelDir, String, Option<tempfile::T
     Ok((ModelDir::open(tmp.path())?, name, Some(tmp)))
 }
 
+/// Alternating rounds of the 1-tenant and 32-tenant decode arms.
+const DECODE_ROUNDS: usize = 5;
+
 pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Result<ServeReport> {
     let (dir, model_name, _guard) = model_dir()?;
     let gen = Generator::load(&dir, DType::F32, &Device::Cpu)?;
@@ -179,9 +183,18 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
         let secs = start.elapsed().as_secs_f64();
         Ok((tokens as f64 / secs, (engine.metrics().plugin_seconds - before) / secs))
     };
-    decode(4)?; // warm-up
-    let (batch1, _) = decode(1)?;
-    let (batch32, plugin_share) = decode(32)?;
+    // Warm-up with all 32: both arms then serve tenants whose frames the keyring
+    // already holds (deriving a frame is admission work, not decode). The arms
+    // alternate and each keeps its fastest round, so both see the same machine.
+    decode(32)?;
+    let (mut batch1, mut batch32, mut plugin_share) = (0f64, 0f64, 0f64);
+    for _ in 0..DECODE_ROUNDS {
+        batch1 = batch1.max(decode(1)?.0);
+        let (tok_s, share) = decode(32)?;
+        if tok_s > batch32 {
+            (batch32, plugin_share) = (tok_s, share);
+        }
+    }
 
     progress("corrective layer: 32 tenants' decode steps verified and unverified");
     let verify_all_overhead = corrective_overhead(model, 32, 256, 8)?;

@@ -15,6 +15,7 @@ use crate::plugin::{Admission, Entry, Load, ModelShape, PolicySet, Request};
 use crate::rotation::{Frame, Keyring};
 use candle_core::Tensor;
 use candle_transformers::generation::LogitsProcessor;
+use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -621,26 +622,34 @@ impl State {
     }
 
     /// Prefills up to `prefill_chunk` prompt tokens over the sequences that need
-    /// it, oldest first. True if it ran anything.
+    /// it, oldest first, the sequences' forward passes spread over the compute
+    /// threads (each runs in its own cache and frame). True if it ran anything.
     fn prefill_step(&mut self) -> bool {
         let mut budget = self.cfg.prefill_chunk.max(1);
-        let mut ran = false;
-        let mut i = 0;
-        while i < self.active.len() && budget > 0 {
-            if self.active[i].unfilled.is_empty() {
-                i += 1;
-                continue;
-            }
-            let t0 = Instant::now();
-            let seq = &mut self.active[i];
+        let mut chunks: Vec<Option<Vec<u32>>> = Vec::with_capacity(self.active.len());
+        for seq in self.active.iter_mut() {
             let n = seq.unfilled.len().min(budget);
-            let chunk: Vec<u32> = seq.unfilled.drain(..n).collect();
-            let out = self.gen.model.forward(&chunk, &mut seq.cache, &seq.frame, self.cfg.variant);
-            record_findings(&self.metrics, seq);
-            Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
-            Metrics::add(&self.metrics.prompt_tokens_prefilled, n as u64);
             budget -= n;
-            ran = true;
+            chunks.push((n > 0).then(|| seq.unfilled.drain(..n).collect()));
+        }
+        if chunks.iter().all(Option::is_none) {
+            return false;
+        }
+        let t0 = Instant::now();
+        let (model, variant) = (&self.gen.model, self.cfg.variant);
+        let outs: Vec<_> = (self.active.par_iter_mut().zip(chunks.par_iter()).enumerate())
+            .filter_map(|(i, (seq, chunk))| {
+                let chunk = chunk.as_ref()?;
+                Some((i, model.forward(chunk, &mut seq.cache, &seq.frame, variant)))
+            })
+            .collect();
+        Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
+        let mut finished = Vec::new();
+        for (i, out) in outs {
+            let seq = &mut self.active[i];
+            let chunk = chunks[i].take().expect("ran above");
+            record_findings(&self.metrics, seq);
+            Metrics::add(&self.metrics.prompt_tokens_prefilled, chunk.len() as u64);
             seq.context.extend_from_slice(&chunk);
             let outcome = match out {
                 Err(e) => Some(Finish::Failed(EngineError::Model(e.to_string()))),
@@ -652,15 +661,12 @@ impl State {
                     self.sample(i, &logits)
                 }
             };
-            match outcome {
-                Some(f) => {
-                    let seq = self.active.swap_remove(i);
-                    self.finish(seq, f);
-                }
-                None => i += 1,
+            if let Some(f) = outcome {
+                finished.push((i, f));
             }
         }
-        ran
+        self.finish_all(finished);
+        true
     }
 
     /// One batched decode step over every sequence with a token to feed.
@@ -702,13 +708,18 @@ impl State {
                 }
             }
         }
+        self.finish_all(finished);
+        true
+    }
+
+    /// Ends the sequences at these indices of `active`.
+    fn finish_all(&mut self, mut finished: Vec<(usize, Finish)>) {
         // Highest index first, so swap_remove leaves the others' indices valid.
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (i, f) in finished {
             let seq = self.active.swap_remove(i);
             self.finish(seq, f);
         }
-        true
     }
 
     /// Samples the next token of sequence `i` from its logits and streams it.
