@@ -273,9 +273,13 @@ impl KvCache {
             let rows = to.min(start + BLOCK) - start;
             for head in 0..kv {
                 let at = BlockAt { layer, head, start: offset + start, rows };
-                let seal = integrity::with_rows(&buf.k, head, start, rows, |k| {
-                    integrity::with_rows(&buf.v, head, start, rows, |v| integrity::seal(key, owner, at, k, v))
-                })??;
+                let seal = if self.integrity.reported.contains(&(layer, head, offset + start)) {
+                    integrity::poisoned(owner)
+                } else {
+                    integrity::with_rows(&buf.k, head, start, rows, |k| {
+                        integrity::with_rows(&buf.v, head, start, rows, |v| integrity::seal(key, owner, at, k, v))
+                    })??
+                };
                 let i = block * kv + head;
                 if i < seals.len() {
                     seals[i] = seal;
@@ -290,10 +294,13 @@ impl KvCache {
     }
 
     /// Verifies, if `layer` is gated, every block attention is about to read (the
-    /// shared prefix's and the first `own` own rows) in `reader`'s frame. Returns an
-    /// additive mask (kv, 1, prefix + own) that hides failed blocks, or None when
-    /// all passed or nothing was checked.
-    pub(crate) fn verify(&mut self, layer: usize, reader: &Frame, own: usize) -> Result<Option<Tensor>> {
+    /// shared prefix's and the first `own` own rows) in `reader`'s frame, before
+    /// the step writes `fresh` rows after them: a write seals its block again, so
+    /// changed bytes in that block must be caught first. A failed block stays
+    /// failed (see [`integrity::poisoned`]). Returns an additive mask
+    /// (kv, 1, prefix + own + fresh) that hides failed blocks (never the fresh
+    /// rows), or None when all passed or nothing was checked.
+    pub(crate) fn verify(&mut self, layer: usize, reader: &Frame, own: usize, fresh: usize) -> Result<Option<Tensor>> {
         if !self.integrity.verify.get(layer).copied().unwrap_or(false) {
             return Ok(None);
         }
@@ -316,7 +323,7 @@ impl KvCache {
             return Ok(None);
         }
         f.blocks_masked += failed.len() as u64;
-        let total = self.offset() + own;
+        let (checked, total) = (self.offset() + own, self.offset() + own + fresh);
         let mut mask = vec![0f32; kv * total];
         for &(head, start, end, reason) in &failed {
             mask[head * total + start..head * total + end].fill(f32::NEG_INFINITY);
@@ -337,7 +344,7 @@ impl KvCache {
             }
         }
         for head in 0..kv {
-            if mask[head * total..(head + 1) * total].iter().all(|x| x.is_infinite()) {
+            if mask[head * total..head * total + checked].iter().all(|x| x.is_infinite()) {
                 candle_core::bail!(
                     "every block of layer {layer} kv head {head} failed verification: nothing left to attend to"
                 )
@@ -448,8 +455,11 @@ impl KvCache {
             buf.v.slice_set(&zeros, 1, len)?;
         }
         self.len = len;
-        // The last block now ends earlier: seal it again.
+        // The last block now ends earlier: seal it again. Blocks past it are gone,
+        // and so is what their failures said (a failed last block stays failed).
         let from = len - len % BLOCK;
+        let end = self.offset() + len;
+        self.integrity.reported.retain(|&(_, _, start)| start < end);
         for layer in 0..self.shape.layers {
             self.integrity.seals[layer].truncate(from / BLOCK * self.shape.kv_heads);
             if self.layers[layer].is_some() {

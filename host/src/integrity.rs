@@ -5,8 +5,10 @@
 //! bytes, V bytes), computed when the rows are written. At the layers the
 //! depth-gate policy selects, attention first recomputes the tags of every block it
 //! is about to read and compares them with the seals, in the frame of the reader
-//! (its tenant and current epoch). A block that fails is masked out of attention,
-//! reported once as an [`IsolationEvent`], and never attended to.
+//! (its tenant and current epoch), before the step writes its own rows (a write
+//! seals its block again, so that block's older rows are checked first). A block
+//! that fails is masked out of attention, reported once as an [`IsolationEvent`],
+//! and never attended to: writing into it or sealing it again keeps it failed.
 //!
 //! The tag key is derived from the master secret and never leaves the server, so
 //! a block cannot be re-sealed by anyone who can only read or write cache memory.
@@ -199,6 +201,13 @@ pub fn seal(key: &TagKey, owner: &Owner, at: BlockAt, k: &[u8], v: &[u8]) -> Sea
     Seal { tag: tag(key, owner, at, k, v), tenant: owner.fingerprint(), epoch: owner.epoch }
 }
 
+/// A seal no block's bytes match: what a block that failed verification keeps
+/// when rows are written into it or it is sealed again, so that writing to it
+/// never turns changed bytes into sealed ones.
+pub fn poisoned(owner: &Owner) -> Seal {
+    Seal { tag: [0; 32], tenant: owner.fingerprint(), epoch: owner.epoch }
+}
+
 /// Checks a block against its seal in the reader's frame.
 pub fn check(
     key: &TagKey,
@@ -338,8 +347,9 @@ mod tests {
             c.set_verify(vec![true, true]);
             s.model.forward(&s.prompt, &mut c, frame, Variant::ProbeTime).unwrap();
             let f = c.take_findings();
-            assert!(f.events.is_empty(), "{f:?}");
-            assert!(f.blocks_verified > 0);
+            // The prefill's own rows are not checked as they are written; the
+            // rows already there are (none, for a new cache).
+            assert!(f.events.is_empty() && f.blocks_verified == 0, "{f:?}");
             c
         }
 
@@ -379,6 +389,26 @@ mod tests {
             let f = a.take_findings();
             assert!(f.events.is_empty());
             assert_eq!(f.blocks_masked, 2);
+        }
+
+        #[test]
+        fn changed_bytes_in_the_block_being_written_are_caught_before_the_write_seals_it_and_stay_masked() {
+            let s = setup();
+            let alice = s.ring.frame("alice", 0).unwrap();
+            let (mut a, mut b) = (prefilled(&s, &alice), prefilled(&s, &alice));
+            // Row 66 lies in the last, open block (64..70): the next step writes
+            // row 70 into it and seals the block again.
+            a.overwrite_row(1, 66, 100.0);
+            b.overwrite_row(1, 66, -7.0);
+            for step_no in 0..3 {
+                assert_eq!(step(&s, &mut a, &alice), step(&s, &mut b, &alice), "step {step_no}: the bytes are masked");
+                let f = a.take_findings();
+                assert_eq!(f.blocks_masked, 2, "step {step_no}: one block per kv head, every step: {f:?}");
+                let want: Vec<(usize, (usize, usize), Reason)> =
+                    if step_no == 0 { vec![(1, (64, 70), Reason::Tampered); 2] } else { vec![] };
+                let got: Vec<_> = f.events.iter().map(|e| (e.layer, e.positions, e.reason)).collect();
+                assert_eq!(got, want, "step {step_no}: reported once");
+            }
         }
 
         #[test]

@@ -58,10 +58,13 @@ pub fn layers(n: usize) -> Vec<usize> {
     out
 }
 
+/// Rows per (layer, kv head), each as f32.
+type RowPool = BTreeMap<(usize, usize), Vec<Vec<f32>>>;
+
 /// Real K rows to read out, per (layer, head): the shared prefix's and a few
 /// tenants' private rows, as f32 row-major.
-fn pool(lab: &Lab) -> Result<BTreeMap<(usize, usize), Vec<Vec<f32>>>> {
-    let mut pool: BTreeMap<(usize, usize), Vec<Vec<f32>>> = BTreeMap::new();
+fn pool(lab: &Lab) -> Result<RowPool> {
+    let mut pool = RowPool::new();
     let mut add = |layer: usize, k: &Tensor| -> Result<()> {
         for (head, rows) in rows_of(k)?.into_iter().enumerate() {
             pool.entry((layer, head)).or_default().extend(rows);

@@ -406,6 +406,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (kv, gt, _) = q.dims3()?;
         let t = k.dim(1)?;
+        // The corrective layer: blocks that fail verification here are hidden. It
+        // checks the rows already there before this step's write seals their block
+        // again (a position inside a shared prefix is refused by the write).
+        let failed = cache.verify(index, seq.frame, seq.pos.saturating_sub(cache.offset()), t)?;
         // The cache only ever receives rotated K and V (an exact cache's are
         // computed in f64).
         let rot = seq.frame.layer(index);
@@ -419,8 +423,6 @@ impl Attention {
         };
         cache.write(index, seq.pos, &k_store, &v_store)?;
         let len = seq.pos + t;
-        // The corrective layer: blocks that fail verification here are hidden.
-        let failed = cache.verify(index, seq.frame, len - cache.offset())?;
         let (keys, values) = cache.rotated(index, len - cache.offset())?; // (kv, own, w), storage dtype
         let (keys, values) = (keys.to_dtype(q.dtype())?, values.to_dtype(q.dtype())?);
         let shared = cache.shared_rows(index)?;
