@@ -6,6 +6,8 @@
 //!   attaching it (`shared-plain`) or rotating a copy into each frame
 //!   (`rotate-copy`). Frames are derived beforehand in every arm, and each arm is
 //!   also timed through the tenant's first own token.
+//! - The engine runs as `kframe serve` does by default: layer 0 norm-padded
+//!   (m = 32), every layer verified by the corrective layer.
 //! - Batching: aggregate decode tok/s through the engine with 32 concurrent
 //!   tenants against one (64 tokens a request after a 16-token prompt; the
 //!   median of five back-to-back pairs).
@@ -24,6 +26,7 @@ use crate::integrity::TagKey;
 use crate::keys::MasterSecret;
 use crate::model::load::ModelDir;
 use crate::model::{synth, BatchSeq, Qwen2, Variant};
+use crate::pad::{self, Layout, Padding};
 use crate::plugin::{Limits, PluginRuntime, PolicyKind, PolicySet};
 use crate::rotation::{Frame, Keyring};
 use candle_core::{DType, Device};
@@ -163,8 +166,12 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
             Err(_) => plugins_loaded = false,
         }
     }
+    // As `kframe serve` runs by default: norm padding (m = 32) on the layers the
+    // fallback depth gate pads (layer 0), every layer verified.
     let gen2 = Generator::load(&dir, DType::F32, &Device::Cpu)?;
-    let engine = Engine::start(gen2, MasterSecret::from_bytes(MASTER), policies, EngineConfig::default());
+    let padding = Padding { extra: pad::DEFAULT_EXTRA, calibration: pad::calibration_for(&dir, &gen2)? };
+    let config = EngineConfig { padding: Some(padding), ..EngineConfig::default() };
+    let engine = Engine::start(gen2, MasterSecret::from_bytes(MASTER), policies, config);
     // `n` tenants at once, `rounds` requests each, one after another: tok/s and the
     // share of that time inside policy components.
     let decode = |n: usize, rounds: usize| -> anyhow::Result<(f64, f64)> {
@@ -232,14 +239,14 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     let rss_added = resident_bytes().saturating_sub(rss_half);
     let overhead = (rss_added as f64 - kv_added as f64).max(0.0) / half.max(1) as f64;
     let cache_shape = model.new_cache(KvPrecision::Native).shape();
-    let plain = crate::pad::Layout::plain(cache_shape.layers);
-    let kv_per_tenant = KvCache::bytes_for(cache_shape, &plain, DType::F32, 256) as u64;
+    let layers = cache_shape.layers;
+    let layout = Layout::new((0..layers).map(|l| l == 0).collect(), pad::DEFAULT_EXTRA);
+    let kv_per_tenant = KvCache::bytes_for(cache_shape, &layout, DType::F32, 256) as u64;
     // The keyring keeps up to `keyring_capacity` tenants' rotations derived: a fixed
-    // cost (4 d x d matrices per layer and kv head, f32), not a per-tenant one.
+    // cost (4 w x w matrices per layer and kv head, f32), not a per-tenant one.
     let shape = model.rotation_shape();
-    let keyring_bytes =
-        (EngineConfig::default().keyring_capacity * shape.layers * shape.kv_heads * 4 * shape.head_dim.pow(2) * 4)
-            as u64;
+    let per_tenant: usize = (0..layers).map(|l| shape.kv_heads * 4 * layout.width(l, shape.head_dim).pow(2) * 4).sum();
+    let keyring_bytes = (EngineConfig::default().keyring_capacity * per_tenant) as u64;
     let resident = (((24u64 << 30) - keyring_bytes) as f64 / (kv_per_tenant as f64 + overhead)) as u64;
 
     Ok(ServeReport {
