@@ -70,8 +70,10 @@ pub fn dtype(arg: DtypeArg, device: &Device) -> DType {
 /// candle-core (0.11, Linux) sizes each CPU matmul's parallelism from
 /// `RAYON_NUM_THREADS` and, when it is unset, counts physical cores by reading
 /// `/proc/cpuinfo` again on every matmul: about half of a small model's decode
-/// step went there. Setting the variable to that same count keeps candle's default
-/// and drops the per-call read. An operator's own `RAYON_NUM_THREADS` is kept.
+/// step went there. Setting the variable to that count (candle's fallback; it
+/// prefers a `CANDLE_CPU_MASK` or the fast cores of a hybrid CPU, which an operator
+/// can express with `RAYON_NUM_THREADS` directly) drops the per-call read. An
+/// operator's own `RAYON_NUM_THREADS` is kept.
 pub fn pin_compute_threads() {
     let set = std::env::var("RAYON_NUM_THREADS").ok().and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n > 0);
     if !set {

@@ -239,8 +239,8 @@ impl Qwen2 {
     /// One decode step for many sequences at once, each after what its own cache
     /// holds and in its own frame: the weight matmuls run batched, rotation and
     /// attention per sequence over its own cache (which may have its own layout).
-    /// Returns f32 logits,
-    /// (batch, vocab). A sequence's logits do not depend on who else is in the batch.
+    /// Returns f32 logits, (batch, vocab). A sequence's logits do not depend on who
+    /// else is in the batch.
     pub fn decode_batch(&self, seqs: &mut [BatchSeq<'_>], variant: Variant) -> Result<Tensor> {
         for s in seqs.iter() {
             self.check_input(&[s.token], s.cache.len())?;
