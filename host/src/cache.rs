@@ -314,34 +314,19 @@ impl KvCache {
         if let Some(prefix) = &self.shared {
             // The prefix is sealed in the model's frame by whoever prefilled it.
             let model = Owner::model();
-            verified += check_blocks(&prefix.cache, layer, prefix.cache.len, &key, &model, 0, &mut failed)?;
+            verified += check_blocks(&prefix.cache, layer, 0, prefix.cache.len, &key, &model, 0, &mut failed)?;
         }
-        verified += check_blocks(self, layer, own, &key, &reader_owner, self.offset(), &mut failed)?;
+        verified += check_blocks(self, layer, 0, own, &key, &reader_owner, self.offset(), &mut failed)?;
         let f = &mut self.integrity.findings;
         f.blocks_verified += verified;
         if failed.is_empty() {
             return Ok(None);
         }
-        f.blocks_masked += failed.len() as u64;
+        self.note_failures(layer, &reader_owner, &failed);
         let (checked, total) = (self.offset() + own, self.offset() + own + fresh);
         let mut mask = vec![0f32; kv * total];
-        for &(head, start, end, reason) in &failed {
+        for &(head, start, end, _) in &failed {
             mask[head * total + start..head * total + end].fill(f32::NEG_INFINITY);
-            if self.integrity.reported.insert((layer, head, start)) {
-                let event = IsolationEvent {
-                    tenant: reader_owner.tenant.clone(),
-                    epoch: reader_owner.epoch,
-                    layer,
-                    head,
-                    positions: (start, end),
-                    reason,
-                };
-                tracing::warn!(
-                    "isolation event: {} layer {layer} head {head} positions {start}..{end}: {reason}",
-                    reader_owner.describe()
-                );
-                self.integrity.findings.events.push(event);
-            }
         }
         for head in 0..kv {
             if mask[head * total..head * total + checked].iter().all(|x| x.is_infinite()) {
@@ -352,6 +337,28 @@ impl KvCache {
         }
         let mask = Tensor::from_vec(mask, (kv, 1, total), &self.device)?;
         Ok(Some(mask.to_dtype(self.plain)?))
+    }
+
+    /// Counts failed blocks as masked and reports each once.
+    fn note_failures(&mut self, layer: usize, reader: &Owner, failed: &[Failed]) {
+        self.integrity.findings.blocks_masked += failed.len() as u64;
+        for &(head, start, end, reason) in failed {
+            if self.integrity.reported.insert((layer, head, start)) {
+                let event = IsolationEvent {
+                    tenant: reader.tenant.clone(),
+                    epoch: reader.epoch,
+                    layer,
+                    head,
+                    positions: (start, end),
+                    reason,
+                };
+                tracing::warn!(
+                    "isolation event: {} layer {layer} head {head} positions {start}..{end}: {reason}",
+                    reader.describe()
+                );
+                self.integrity.findings.events.push(event);
+            }
+        }
     }
 
     fn capacity(&self, layer: usize) -> usize {
@@ -447,6 +454,21 @@ impl KvCache {
         if len >= self.len {
             return Ok(());
         }
+        // The block that keeps some of its rows is sealed again below: at verified
+        // layers its rows are checked first, as before a write.
+        let from = len - len % BLOCK;
+        if let (Some((key, owner)), true) = (self.integrity.sealer.clone(), from < len) {
+            for layer in 0..self.shape.layers {
+                if self.integrity.verify.get(layer).copied().unwrap_or(false) {
+                    let mut failed = Vec::new();
+                    let block = from / BLOCK;
+                    let own = self.len.min(from + BLOCK);
+                    self.integrity.findings.blocks_verified +=
+                        check_blocks(self, layer, block, own, &key, &owner, self.offset(), &mut failed)?;
+                    self.note_failures(layer, &owner, &failed);
+                }
+            }
+        }
         for (layer, buf) in self.layers.iter().enumerate() {
             let Some(buf) = buf else { continue };
             let tail = self.len - len;
@@ -457,7 +479,6 @@ impl KvCache {
         self.len = len;
         // The last block now ends earlier: seal it again. Blocks past it are gone,
         // and so is what their failures said (a failed last block stays failed).
-        let from = len - len % BLOCK;
         let end = self.offset() + len;
         self.integrity.reported.retain(|&(_, _, start)| start < end);
         for layer in 0..self.shape.layers {
@@ -540,11 +561,14 @@ impl KvCache {
 /// A failed block: (kv head, first position, end position, why).
 type Failed = (usize, usize, usize, integrity::Reason);
 
-/// Checks the blocks of `cache`'s first `own` rows of `layer` (at context positions
-/// from `offset`) in `reader`'s frame; appends failures, returns blocks checked.
+/// Checks the blocks of `cache`'s first `own` rows of `layer` from block `first`
+/// on (at context positions from `offset`) in `reader`'s frame; appends failures,
+/// returns blocks checked.
+#[allow(clippy::too_many_arguments)]
 fn check_blocks(
     cache: &KvCache,
     layer: usize,
+    first: usize,
     own: usize,
     key: &TagKey,
     reader: &Owner,
@@ -554,7 +578,7 @@ fn check_blocks(
     let Some(buf) = &cache.layers[layer] else { return Ok(0) };
     let kv = cache.shape.kv_heads;
     let mut checked = 0;
-    for block in 0..own.div_ceil(BLOCK) {
+    for block in first..own.div_ceil(BLOCK) {
         let start = block * BLOCK;
         let rows = own.min(start + BLOCK) - start;
         for head in 0..kv {

@@ -412,6 +412,27 @@ mod tests {
         }
 
         #[test]
+        fn cutting_a_cache_back_checks_the_block_it_seals_again_and_keeps_it_failed() {
+            let s = setup();
+            let alice = s.ring.frame("alice", 0).unwrap();
+            let (mut a, mut b) = (prefilled(&s, &alice), prefilled(&s, &alice));
+            // Reuse of a shorter prefix: 68 of the 70 rows stay, so block 64..70 is
+            // cut to 64..68 and sealed again; row 66 was changed before that.
+            a.overwrite_row(1, 66, 100.0);
+            b.overwrite_row(1, 66, -7.0);
+            for c in [&mut a, &mut b] {
+                c.truncate(68).unwrap();
+            }
+            let f = a.take_findings();
+            let got: Vec<_> = f.events.iter().map(|e| (e.layer, e.positions, e.reason)).collect();
+            assert_eq!(got, vec![(1, (64, 70), Reason::Tampered); 2], "{f:?}");
+            // Still masked when decoding goes on from the shorter context.
+            assert_eq!(step(&s, &mut a, &alice), step(&s, &mut b, &alice));
+            let f = a.take_findings();
+            assert!(f.events.is_empty() && f.blocks_masked == 2, "{f:?}");
+        }
+
+        #[test]
         fn with_verification_off_at_a_layer_its_corruption_is_read_and_the_report_says_unchecked() {
             let s = setup();
             let alice = s.ring.frame("alice", 0).unwrap();
