@@ -353,6 +353,15 @@ mod tests {
             c
         }
 
+        /// Two caches holding the prompt in `frame`, with row `row` of layer 1's K
+        /// changed without sealing, to 100 in the first and -7 in the second.
+        fn tampered_pair(s: &Setup, frame: &Frame, row: usize) -> (KvCache, KvCache) {
+            let (mut a, mut b) = (prefilled(s, frame), prefilled(s, frame));
+            a.overwrite_row(1, row, 100.0);
+            b.overwrite_row(1, row, -7.0);
+            (a, b)
+        }
+
         fn step(s: &Setup, c: &mut KvCache, frame: &Frame) -> Vec<f32> {
             s.model.forward(&[7], c, frame, Variant::ProbeTime).unwrap().to_vec1().unwrap()
         }
@@ -361,11 +370,9 @@ mod tests {
         fn a_corrupted_block_is_masked_reported_once_and_never_attended_to() {
             let s = setup();
             let alice = s.ring.frame("alice", 0).unwrap();
-            let (mut a, mut b, clean) =
-                (prefilled(&s, &alice), prefilled(&s, &alice), step(&s, &mut prefilled(&s, &alice), &alice));
+            let clean = step(&s, &mut prefilled(&s, &alice), &alice);
             // The same block of layer 1 corrupted two different ways.
-            a.overwrite_row(1, 40, 100.0);
-            b.overwrite_row(1, 40, -7.0);
+            let (mut a, mut b) = tampered_pair(&s, &alice, 40);
             let (la, lb) = (step(&s, &mut a, &alice), step(&s, &mut b, &alice));
             // Masked: the corrupted bytes never reach the output, whatever they are.
             assert_eq!(la, lb);
@@ -395,11 +402,9 @@ mod tests {
         fn changed_bytes_in_the_block_being_written_are_caught_before_the_write_seals_it_and_stay_masked() {
             let s = setup();
             let alice = s.ring.frame("alice", 0).unwrap();
-            let (mut a, mut b) = (prefilled(&s, &alice), prefilled(&s, &alice));
             // Row 66 lies in the last, open block (64..70): the next step writes
             // row 70 into it and seals the block again.
-            a.overwrite_row(1, 66, 100.0);
-            b.overwrite_row(1, 66, -7.0);
+            let (mut a, mut b) = tampered_pair(&s, &alice, 66);
             for step_no in 0..3 {
                 assert_eq!(step(&s, &mut a, &alice), step(&s, &mut b, &alice), "step {step_no}: the bytes are masked");
                 let f = a.take_findings();
@@ -415,11 +420,9 @@ mod tests {
         fn cutting_a_cache_back_checks_the_block_it_seals_again_and_keeps_it_failed() {
             let s = setup();
             let alice = s.ring.frame("alice", 0).unwrap();
-            let (mut a, mut b) = (prefilled(&s, &alice), prefilled(&s, &alice));
             // Reuse of a shorter prefix: 68 of the 70 rows stay, so block 64..70 is
             // cut to 64..68 and sealed again; row 66 was changed before that.
-            a.overwrite_row(1, 66, 100.0);
-            b.overwrite_row(1, 66, -7.0);
+            let (mut a, mut b) = tampered_pair(&s, &alice, 66);
             for c in [&mut a, &mut b] {
                 c.truncate(68).unwrap();
             }
@@ -436,13 +439,11 @@ mod tests {
         fn with_verification_off_at_a_layer_its_corruption_is_read_and_the_report_says_unchecked() {
             let s = setup();
             let alice = s.ring.frame("alice", 0).unwrap();
-            let (mut a, mut b) = (prefilled(&s, &alice), prefilled(&s, &alice));
+            let (mut a, mut b) = tampered_pair(&s, &alice, 40);
             let gates = vec![true, false];
             for c in [&mut a, &mut b] {
                 c.set_verify(gates.clone());
             }
-            a.overwrite_row(1, 40, 100.0);
-            b.overwrite_row(1, 40, -7.0);
             assert_ne!(step(&s, &mut a, &alice), step(&s, &mut b, &alice), "unverified, the bytes are attended to");
             let f = a.take_findings();
             assert!(f.events.is_empty());

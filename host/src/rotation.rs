@@ -90,15 +90,10 @@ impl LayerRotation {
         }
     }
 
-    /// The width of this layer's rotated rows: d, or d + m when padded.
-    pub fn width(&self) -> usize {
-        self.d + self.pad.as_ref().map_or(0, |p| p.extra)
-    }
-
     /// [k; r] and [v; r'] for (kv, t, d) plaintext rows at context positions
     /// pos.., in their dtype, and the number of rows too long to pad; the rows
     /// unchanged on an unpadded layer.
-    pub fn pad_kv(&self, k: &Tensor, v: &Tensor, pos: usize) -> Result<(Tensor, Tensor, u64)> {
+    fn pad_kv(&self, k: &Tensor, v: &Tensor, pos: usize) -> Result<(Tensor, Tensor, u64)> {
         match &self.pad {
             None => Ok((k.clone(), v.clone(), 0)),
             Some(p) => {

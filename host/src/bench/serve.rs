@@ -27,7 +27,7 @@ use crate::keys::MasterSecret;
 use crate::model::load::ModelDir;
 use crate::model::{synth, BatchSeq, Qwen2, Variant};
 use crate::pad::{self, Layout, Padding};
-use crate::plugin::{Limits, PluginRuntime, PolicyKind, PolicySet};
+use crate::plugin::{fallback, Limits, ModelShape, PluginRuntime, PolicyKind, PolicySet};
 use crate::rotation::{Frame, Keyring};
 use candle_core::{DType, Device};
 use std::sync::Arc;
@@ -167,7 +167,7 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
         }
     }
     // As `kframe serve` runs by default: norm padding (m = 32) on the layers the
-    // fallback depth gate pads (layer 0), every layer verified.
+    // fallback depth gate pads, every layer verified.
     let gen2 = Generator::load(&dir, DType::F32, &Device::Cpu)?;
     let padding = Padding { extra: pad::DEFAULT_EXTRA, calibration: pad::calibration_for(&dir, &gen2)? };
     let config = EngineConfig { padding: Some(padding), ..EngineConfig::default() };
@@ -240,7 +240,10 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     let overhead = (rss_added as f64 - kv_added as f64).max(0.0) / half.max(1) as f64;
     let cache_shape = model.new_cache(KvPrecision::Native).shape();
     let layers = cache_shape.layers;
-    let layout = Layout::new((0..layers).map(|l| l == 0).collect(), pad::DEFAULT_EXTRA);
+    // The layers the fallback depth gate pads, as the engine above laid them out.
+    let (kv_heads, head_dim) = (cache_shape.kv_heads as u32, cache_shape.head_dim as u32);
+    let gates = fallback::gates(&ModelShape { layers: layers as u32, kv_heads, head_dim });
+    let layout = Layout::new(gates.iter().map(|g| g.pad).collect(), pad::DEFAULT_EXTRA);
     let kv_per_tenant = KvCache::bytes_for(cache_shape, &layout, DType::F32, 256) as u64;
     // The keyring keeps up to `keyring_capacity` tenants' rotations derived: a fixed
     // cost (4 w x w matrices per layer and kv head, f32), not a per-tenant one.

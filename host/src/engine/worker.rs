@@ -625,15 +625,15 @@ impl State {
     /// it, oldest first, the sequences' forward passes spread over the compute
     /// threads (each runs in its own cache and frame). True if it ran anything.
     fn prefill_step(&mut self) -> bool {
+        if self.active.iter().all(|s| s.unfilled.is_empty()) {
+            return false;
+        }
         let mut budget = self.cfg.prefill_chunk.max(1);
         let mut chunks: Vec<Option<Vec<u32>>> = Vec::with_capacity(self.active.len());
         for seq in self.active.iter_mut() {
             let n = seq.unfilled.len().min(budget);
             budget -= n;
             chunks.push((n > 0).then(|| seq.unfilled.drain(..n).collect()));
-        }
-        if chunks.iter().all(Option::is_none) {
-            return false;
         }
         let t0 = Instant::now();
         let (model, variant) = (&self.gen.model, self.cfg.variant);
