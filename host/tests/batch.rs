@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use kframe::cache::{KvCache, KvPrecision};
 use kframe::keys::MasterSecret;
-use kframe::model::{synth, BatchSeq, Qwen2, Variant};
+use kframe::model::{synth, BatchSeq, Chunk, Qwen2, Variant};
 use kframe::rotation::{Frame, Keyring};
 
 fn tiny_model() -> (tempfile::TempDir, Qwen2) {
@@ -113,6 +113,54 @@ fn batched_logits_match_solo_logits_to_1e4() {
     for (i, s) in solo.iter().enumerate() {
         let diff = (s - batched.get(i).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff <= 1e-4, "sequence {i}: max |batched - solo| = {diff}");
+    }
+}
+
+/// One step in which some sequences prefill their prompts (in two chunks, the
+/// second with a shared prefix before it) while the others decode: each gets the
+/// logits it gets alone, and the tokens that follow are its solo tokens.
+#[test]
+fn a_step_mixing_prompt_chunks_and_decode_tokens_gives_each_sequence_its_solo_logits() {
+    use kframe::cache::SharedPrefix;
+    use std::sync::Arc;
+    let (_tmp, model) = tiny_model();
+    let (frames, prompts) = sequences(&model, KvPrecision::Native);
+    let prefix_tokens: Vec<u32> = (0..20).map(|j| (7 * j) % 250 + 1).collect();
+    let mut plain = model.new_cache(KvPrecision::Native);
+    model.forward(&prefix_tokens, &mut plain, &Frame::Identity, Variant::ProbeTime).unwrap();
+    let prefix = Arc::new(SharedPrefix { id: [0; 32], tokens: prefix_tokens, cache: plain });
+    // Even sequences prefill (odd ones after the shared prefix); odd ones decode.
+    let fresh = |i: usize| match i % 4 {
+        1 | 3 => KvCache::after_prefix(prefix.clone(), KvPrecision::Native),
+        _ => model.new_cache(KvPrecision::Native),
+    };
+    let solo: Vec<(Tensor, KvCache)> = (0..frames.len())
+        .map(|i| {
+            let mut cache = fresh(i);
+            let logits = model.forward(&prompts[i], &mut cache, &frames[i], Variant::ProbeTime).unwrap();
+            (logits, cache)
+        })
+        .collect();
+    let mut caches: Vec<KvCache> = (0..frames.len()).map(fresh).collect();
+    let split = |i: usize| prompts[i].len() / 2;
+    // Decoders have their whole prompt but its last token; prefillers its first half.
+    for i in 0..frames.len() {
+        let head = if i % 2 == 1 { prompts[i].len() - 1 } else { split(i) };
+        model.forward(&prompts[i][..head], &mut caches[i], &frames[i], Variant::ProbeTime).unwrap();
+    }
+    let feeds: Vec<&[u32]> = (0..frames.len())
+        .map(|i| if i % 2 == 1 { &prompts[i][prompts[i].len() - 1..] } else { &prompts[i][split(i)..] })
+        .collect();
+    let mut chunks: Vec<Chunk> = (caches.iter_mut().zip(&frames).zip(&feeds))
+        .map(|((cache, frame), &tokens)| Chunk { tokens, cache, frame })
+        .collect();
+    let logits = model.forward_chunks(&mut chunks, Variant::ProbeTime).unwrap();
+    assert!(feeds.iter().any(|f| f.len() > 1) && feeds.iter().any(|f| f.len() == 1));
+    for (i, (alone, solo_cache)) in solo.iter().enumerate() {
+        let diff = (alone - logits.get(i).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-4, "sequence {i}: max |mixed step - solo| = {diff}");
+        assert_eq!(caches[i].len(), solo_cache.len(), "sequence {i}");
     }
 }
 

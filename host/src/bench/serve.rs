@@ -246,9 +246,9 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     let layout = Layout::new(gates.iter().map(|g| g.pad).collect(), pad::DEFAULT_EXTRA);
     let kv_per_tenant = KvCache::bytes_for(cache_shape, &layout, DType::F32, 256) as u64;
     // The keyring keeps up to `keyring_capacity` tenants' rotations derived: a fixed
-    // cost (4 w x w matrices per layer and kv head, f32), not a per-tenant one.
+    // cost (R^T and S, w x w, per layer and kv head, f32), not a per-tenant one.
     let shape = model.rotation_shape();
-    let per_tenant: usize = (0..layers).map(|l| shape.kv_heads * 4 * layout.width(l, shape.head_dim).pow(2) * 4).sum();
+    let per_tenant: usize = (0..layers).map(|l| shape.kv_heads * 2 * layout.width(l, shape.head_dim).pow(2) * 4).sum();
     let keyring_bytes = (EngineConfig::default().keyring_capacity * per_tenant) as u64;
     let resident = (((24u64 << 30) - keyring_bytes) as f64 / (kv_per_tenant as f64 + overhead)) as u64;
 

@@ -10,12 +10,11 @@ use crate::cache::{CacheShape, KvCache, SharedPrefix};
 use crate::generate::{sampler, FinishReason, Generator, TextStream};
 use crate::integrity::{IsolationReport, TagKey};
 use crate::keys::MasterSecret;
-use crate::model::BatchSeq;
+use crate::model::Chunk;
 use crate::plugin::{Admission, Entry, Load, ModelShape, PolicySet, Request};
 use crate::rotation::{Frame, Keyring};
 use candle_core::Tensor;
 use candle_transformers::generation::LogitsProcessor;
-use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -158,7 +157,7 @@ impl State {
             }
             self.retry_waiting();
             self.drop_cancelled();
-            let worked = self.prefill_step() | self.decode_step();
+            let worked = self.step();
             self.publish();
             if !worked && !self.waiting.is_empty() {
                 // Only queued requests, none admissible yet: wait for a change.
@@ -621,91 +620,75 @@ impl State {
         }
     }
 
-    /// Prefills up to `prefill_chunk` prompt tokens over the sequences that need
-    /// it, oldest first, the sequences' forward passes spread over the compute
-    /// threads (each runs in its own cache and frame). True if it ran anything.
-    fn prefill_step(&mut self) -> bool {
-        if self.active.iter().all(|s| s.unfilled.is_empty()) {
+    /// One batched forward pass over every sequence with work, up to `max_batch`
+    /// of them, oldest first: a sequence with prompt left feeds its next chunk
+    /// (`prefill_chunk` prompt tokens per step over all sequences, so that a long
+    /// prompt does not stall everyone else's decoding), the others their decode
+    /// token. True if it ran anything.
+    fn step(&mut self) -> bool {
+        let mut budget = self.cfg.prefill_chunk.max(1);
+        // (index in `active`, tokens fed, whether they are prompt tokens)
+        let mut work: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+        for (i, seq) in self.active.iter_mut().enumerate() {
+            if work.len() >= self.cfg.max_batch.max(1) {
+                break;
+            }
+            if !seq.unfilled.is_empty() {
+                let n = seq.unfilled.len().min(budget);
+                if n > 0 {
+                    budget -= n;
+                    work.push((i, seq.unfilled.drain(..n).collect(), true));
+                }
+            } else if let Some(token) = seq.next {
+                work.push((i, vec![token], false));
+            }
+        }
+        if work.is_empty() {
             return false;
         }
-        let mut budget = self.cfg.prefill_chunk.max(1);
-        let mut chunks: Vec<Option<Vec<u32>>> = Vec::with_capacity(self.active.len());
-        for seq in self.active.iter_mut() {
-            let n = seq.unfilled.len().min(budget);
-            budget -= n;
-            chunks.push((n > 0).then(|| seq.unfilled.drain(..n).collect()));
-        }
         let t0 = Instant::now();
-        let (model, variant) = (&self.gen.model, self.cfg.variant);
-        let outs: Vec<_> = (self.active.par_iter_mut().zip(chunks.par_iter()).enumerate())
-            .filter_map(|(i, (seq, chunk))| {
-                let chunk = chunk.as_ref()?;
-                Some((i, model.forward(chunk, &mut seq.cache, &seq.frame, variant)))
-            })
-            .collect();
+        let mut chunks: Vec<Chunk> = Vec::with_capacity(work.len());
+        let mut fed = work.iter().peekable();
+        for (i, seq) in self.active.iter_mut().enumerate() {
+            if let Some((_, tokens, _)) = fed.next_if(|w| w.0 == i) {
+                chunks.push(Chunk { tokens, cache: &mut seq.cache, frame: &seq.frame });
+            }
+        }
+        let out = self.gen.model.forward_chunks(&mut chunks, self.cfg.variant);
+        drop(chunks);
         Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
+        let decoded = work.iter().filter(|w| !w.2).count();
+        if decoded > 0 {
+            Metrics::add(&self.metrics.decode_steps, 1);
+            Metrics::set(&self.metrics.batch_size, decoded as u64);
+        }
         let mut finished = Vec::new();
-        for (i, out) in outs {
+        for (row, (i, tokens, prompt)) in work.into_iter().enumerate() {
             let seq = &mut self.active[i];
-            let chunk = chunks[i].take().expect("ran above");
             record_findings(&self.metrics, seq);
-            Metrics::add(&self.metrics.prompt_tokens_prefilled, chunk.len() as u64);
-            seq.context.extend_from_slice(&chunk);
-            let outcome = match out {
+            if prompt {
+                Metrics::add(&self.metrics.prompt_tokens_prefilled, tokens.len() as u64);
+                seq.context.extend_from_slice(&tokens);
+            } else {
+                seq.context.push(seq.next.take().expect("decoding sequences have a token"));
+            }
+            let outcome = match &out {
                 Err(e) => Some(Finish::Failed(EngineError::Model(e.to_string()))),
-                Ok(_) if !seq.unfilled.is_empty() => None,
+                Ok(_) if prompt && !seq.unfilled.is_empty() => None,
                 Ok(logits) => {
-                    let ttft = seq.started.elapsed();
-                    Metrics::add(&self.metrics.ttft_micros_sum, ttft.as_micros() as u64);
-                    Metrics::add(&self.metrics.ttft_count, 1);
-                    self.sample(i, &logits)
+                    if prompt {
+                        let ttft = seq.started.elapsed();
+                        Metrics::add(&self.metrics.ttft_micros_sum, ttft.as_micros() as u64);
+                        Metrics::add(&self.metrics.ttft_count, 1);
+                    }
+                    match logits.get(row) {
+                        Ok(l) => self.sample(i, &l),
+                        Err(e) => Some(Finish::Failed(EngineError::Model(e.to_string()))),
+                    }
                 }
             };
             if let Some(f) = outcome {
                 finished.push((i, f));
-            }
-        }
-        self.finish_all(finished);
-        true
-    }
-
-    /// One batched decode step over every sequence with a token to feed.
-    fn decode_step(&mut self) -> bool {
-        let ready: Vec<usize> =
-            (0..self.active.len()).filter(|&i| self.active[i].next.is_some()).take(self.cfg.max_batch.max(1)).collect();
-        if ready.is_empty() {
-            return false;
-        }
-        let t0 = Instant::now();
-        let mut batch: Vec<BatchSeq> = Vec::with_capacity(ready.len());
-        for (i, seq) in self.active.iter_mut().enumerate() {
-            if let (true, Some(token)) = (ready.contains(&i), seq.next) {
-                batch.push(BatchSeq { token, cache: &mut seq.cache, frame: &seq.frame });
-            }
-        }
-        let out = self.gen.model.decode_batch(&mut batch, self.cfg.variant);
-        drop(batch);
-        for &i in &ready {
-            record_findings(&self.metrics, &mut self.active[i]);
-        }
-        Metrics::add(&self.metrics.compute_micros, t0.elapsed().as_micros() as u64);
-        Metrics::add(&self.metrics.decode_steps, 1);
-        Metrics::set(&self.metrics.batch_size, ready.len() as u64);
-        let mut finished = Vec::new();
-        match out {
-            Err(e) => finished.extend(ready.iter().map(|&i| (i, Finish::Failed(EngineError::Model(e.to_string()))))),
-            Ok(logits) => {
-                for (row, &i) in ready.iter().enumerate() {
-                    let seq = &mut self.active[i];
-                    seq.context.push(seq.next.take().expect("ready sequences have a token"));
-                    let outcome = match logits.get(row) {
-                        Ok(l) => self.sample(i, &l),
-                        Err(e) => Some(Finish::Failed(EngineError::Model(e.to_string()))),
-                    };
-                    if let Some(f) = outcome {
-                        finished.push((i, f));
-                    }
-                }
             }
         }
         self.finish_all(finished);

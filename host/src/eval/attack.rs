@@ -673,7 +673,7 @@ fn procrustes(lab: &Lab, probe: &mut Probe, name: &str, victims: usize) -> Resul
             let r = frame
                 .layer(layer)
                 .expect("tenant frame")
-                .matrices()
+                .matrices()?
                 .0
                 .get(head)?
                 .to_dtype(DType::F64)?

@@ -94,7 +94,7 @@ fn pool(lab: &Lab) -> Result<RowPool> {
 /// R of tenant `t` at (layer, head), (d, d) in the compute dtype.
 fn rotation(lab: &Lab, t: usize, layer: usize, head: usize) -> Result<Tensor> {
     let frame = lab.frame(t)?;
-    let r = frame.layer(layer).expect("a tenant frame rotates every layer").matrices().0;
+    let r = frame.layer(layer).expect("a tenant frame rotates every layer").matrices()?.0;
     Ok(r.get(head)?.to_dtype(candle_core::DType::F32)?)
 }
 
