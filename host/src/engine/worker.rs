@@ -15,6 +15,7 @@ use crate::plugin::{Admission, Entry, Load, ModelShape, PolicySet, Request};
 use crate::rotation::{Frame, Keyring};
 use candle_core::Tensor;
 use candle_transformers::generation::LogitsProcessor;
+use rayon::prelude::*;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,6 +53,34 @@ struct Seq {
     started: Instant,
     usage: Usage,
     isolation: IsolationReport,
+}
+
+impl Seq {
+    /// Samples this sequence's next token from its logits and streams it.
+    /// Returns how it finished, if it did.
+    fn sample(&mut self, logits: &Tensor, gen: &Generator, metrics: &Metrics, max_len: usize) -> Option<Finish> {
+        if self.text.tokens().len() >= self.max_tokens {
+            return Some(Finish::Done(FinishReason::Length));
+        }
+        let next = match self.sampler.sample(logits) {
+            Ok(t) => t,
+            Err(e) => return Some(Finish::Failed(EngineError::Model(e.to_string()))),
+        };
+        if gen.eos_token_ids.contains(&next) {
+            return Some(Finish::Done(FinishReason::Stop));
+        }
+        let piece = match self.text.push(&gen.tokenizer, next) {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => return Some(Finish::Failed(EngineError::Model(e.to_string()))),
+        };
+        Metrics::add(&metrics.tokens_generated, 1);
+        let _ = self.tx.send(Event::Token { id: next, text: piece });
+        if self.text.tokens().len() >= self.max_tokens || self.cache.len() >= max_len {
+            return Some(Finish::Done(FinishReason::Length));
+        }
+        self.next = Some(next);
+        None
+    }
 }
 
 pub(super) struct State {
@@ -648,9 +677,9 @@ impl State {
         }
         let t0 = Instant::now();
         let mut chunks: Vec<Chunk> = Vec::with_capacity(work.len());
-        let mut fed = work.iter().peekable();
+        let mut feeds = work.iter().peekable();
         for (i, seq) in self.active.iter_mut().enumerate() {
-            if let Some((_, tokens, _)) = fed.next_if(|w| w.0 == i) {
+            if let Some((_, tokens, _)) = feeds.next_if(|w| w.0 == i) {
                 chunks.push(Chunk { tokens, cache: &mut seq.cache, frame: &seq.frame });
             }
         }
@@ -662,35 +691,42 @@ impl State {
             Metrics::add(&self.metrics.decode_steps, 1);
             Metrics::set(&self.metrics.batch_size, decoded as u64);
         }
-        let mut finished = Vec::new();
+        // Which row of the logits each sequence samples from: decoders, and
+        // prefillers whose prompt is now all in.
+        let mut rows: Vec<Option<usize>> = vec![None; self.active.len()];
+        let fed: Vec<usize> = work.iter().map(|w| w.0).collect();
         for (row, (i, tokens, prompt)) in work.into_iter().enumerate() {
             let seq = &mut self.active[i];
             record_findings(&self.metrics, seq);
             if prompt {
                 Metrics::add(&self.metrics.prompt_tokens_prefilled, tokens.len() as u64);
                 seq.context.extend_from_slice(&tokens);
+                if !seq.unfilled.is_empty() || out.is_err() {
+                    continue;
+                }
+                let ttft = seq.started.elapsed();
+                Metrics::add(&self.metrics.ttft_micros_sum, ttft.as_micros() as u64);
+                Metrics::add(&self.metrics.ttft_count, 1);
             } else {
                 seq.context.push(seq.next.take().expect("decoding sequences have a token"));
             }
-            let outcome = match &out {
-                Err(e) => Some(Finish::Failed(EngineError::Model(e.to_string()))),
-                Ok(_) if prompt && !seq.unfilled.is_empty() => None,
-                Ok(logits) => {
-                    if prompt {
-                        let ttft = seq.started.elapsed();
-                        Metrics::add(&self.metrics.ttft_micros_sum, ttft.as_micros() as u64);
-                        Metrics::add(&self.metrics.ttft_count, 1);
-                    }
-                    match logits.get(row) {
-                        Ok(l) => self.sample(i, &l),
-                        Err(e) => Some(Finish::Failed(EngineError::Model(e.to_string()))),
-                    }
-                }
-            };
-            if let Some(f) = outcome {
-                finished.push((i, f));
-            }
+            rows[i] = Some(row);
         }
+        // Sampling and detokenizing are per sequence: spread over the compute threads.
+        let (gen, metrics, max_len) = (&self.gen, &*self.metrics, self.shape.max_len);
+        let finished: Vec<(usize, Finish)> = match &out {
+            // Every sequence in the step fails: its cache may hold part of the step.
+            Err(e) => fed.into_iter().map(|i| (i, Finish::Failed(EngineError::Model(e.to_string())))).collect(),
+            Ok(logits) => (self.active.par_iter_mut().zip(rows).enumerate())
+                .filter_map(|(i, (seq, row))| {
+                    let outcome = match logits.get(row?) {
+                        Ok(l) => seq.sample(&l, gen, metrics, max_len),
+                        Err(e) => Some(Finish::Failed(EngineError::Model(e.to_string()))),
+                    };
+                    outcome.map(|f| (i, f))
+                })
+                .collect(),
+        };
         self.finish_all(finished);
         true
     }
@@ -703,34 +739,6 @@ impl State {
             let seq = self.active.swap_remove(i);
             self.finish(seq, f);
         }
-    }
-
-    /// Samples the next token of sequence `i` from its logits and streams it.
-    /// Returns how it finished, if it did.
-    fn sample(&mut self, i: usize, logits: &Tensor) -> Option<Finish> {
-        let max_len = self.shape.max_len;
-        let seq = &mut self.active[i];
-        if seq.text.tokens().len() >= seq.max_tokens {
-            return Some(Finish::Done(FinishReason::Length));
-        }
-        let next = match seq.sampler.sample(logits) {
-            Ok(t) => t,
-            Err(e) => return Some(Finish::Failed(EngineError::Model(e.to_string()))),
-        };
-        if self.gen.eos_token_ids.contains(&next) {
-            return Some(Finish::Done(FinishReason::Stop));
-        }
-        let piece = match seq.text.push(&self.gen.tokenizer, next) {
-            Ok(p) => p.unwrap_or_default(),
-            Err(e) => return Some(Finish::Failed(EngineError::Model(e.to_string()))),
-        };
-        Metrics::add(&self.metrics.tokens_generated, 1);
-        let _ = seq.tx.send(Event::Token { id: next, text: piece });
-        if seq.text.tokens().len() >= seq.max_tokens || seq.cache.len() >= max_len {
-            return Some(Finish::Done(FinishReason::Length));
-        }
-        seq.next = Some(next);
-        None
     }
 
     /// Ends a sequence: its cache goes back to its session (or is dropped, and
