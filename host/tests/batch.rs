@@ -116,22 +116,24 @@ fn batched_logits_match_solo_logits_to_1e4() {
     }
 }
 
-/// One step in which some sequences prefill their prompts (in two chunks, the
-/// second with a shared prefix before it) while the others decode: each gets the
-/// logits it gets alone, and the tokens that follow are its solo tokens.
+/// A public prefix prefilled once in the model's frame.
+fn shared_prefix(model: &Qwen2, tokens: Vec<u32>) -> std::sync::Arc<kframe::cache::SharedPrefix> {
+    let mut plain = model.new_cache(KvPrecision::Native);
+    model.forward(&tokens, &mut plain, &Frame::Identity, Variant::ProbeTime).unwrap();
+    std::sync::Arc::new(kframe::cache::SharedPrefix { id: [0; 32], tokens, cache: plain })
+}
+
+/// One step in which some sequences prefill the second half of their prompts
+/// while the others decode (feed their prompt's last token), some of either kind
+/// after a shared prefix: each gets the logits it gets alone.
 #[test]
 fn a_step_mixing_prompt_chunks_and_decode_tokens_gives_each_sequence_its_solo_logits() {
-    use kframe::cache::SharedPrefix;
-    use std::sync::Arc;
     let (_tmp, model) = tiny_model();
     let (frames, prompts) = sequences(&model, KvPrecision::Native);
-    let prefix_tokens: Vec<u32> = (0..20).map(|j| (7 * j) % 250 + 1).collect();
-    let mut plain = model.new_cache(KvPrecision::Native);
-    model.forward(&prefix_tokens, &mut plain, &Frame::Identity, Variant::ProbeTime).unwrap();
-    let prefix = Arc::new(SharedPrefix { id: [0; 32], tokens: prefix_tokens, cache: plain });
-    // Even sequences prefill (odd ones after the shared prefix); odd ones decode.
-    let fresh = |i: usize| match i % 4 {
-        1 | 3 => KvCache::after_prefix(prefix.clone(), KvPrecision::Native),
+    let prefix = shared_prefix(&model, (0..20).map(|j| (7 * j) % 250 + 1).collect());
+    // Sequences 0 (prefilling) and 3 (decoding) run after the shared prefix.
+    let fresh = |i: usize| match i % 3 {
+        0 => KvCache::after_prefix(prefix.clone(), KvPrecision::Native),
         _ => model.new_cache(KvPrecision::Native),
     };
     let solo: Vec<(Tensor, KvCache)> = (0..frames.len())
@@ -248,14 +250,10 @@ fn a_wrong_key_in_a_batch_of_16_changes_no_other_tenants_tokens() {
 /// so does a rotated copy of the prefix.
 #[test]
 fn shared_plain_prefix_and_rotated_copy_match_a_single_frame_run() {
-    use kframe::cache::SharedPrefix;
-    use std::sync::Arc;
     let (_tmp, model) = tiny_model();
     let (frames, prompts) = sequences(&model, KvPrecision::Native);
     let prefix_tokens: Vec<u32> = (0..40).map(|j| (11 * j) % 250 + 1).collect();
-    let mut plain = model.new_cache(KvPrecision::Native);
-    model.forward(&prefix_tokens, &mut plain, &Frame::Identity, Variant::ProbeTime).unwrap();
-    let prefix = Arc::new(SharedPrefix { id: [0; 32], tokens: prefix_tokens.clone(), cache: plain });
+    let prefix = shared_prefix(&model, prefix_tokens.clone());
     for variant in [Variant::ProbeTime, Variant::DecodeTime] {
         let greedy = |cache: &mut KvCache, frame: &Frame, suffix: &[u32]| -> Vec<u32> {
             let mut next = argmax(&model.forward(suffix, cache, frame, variant).unwrap());
