@@ -128,6 +128,7 @@ pub struct ServeArgs {
     pub variant: Variant,
     #[arg(long, value_enum, default_value_t)]
     pub prefix_mode: PrefixMode,
+    /// Most sequences in one forward pass (prompt chunks and decode tokens together).
     #[arg(long, default_value_t = 64)]
     pub max_batch: usize,
     /// Largest request body; bigger ones get 413.

@@ -139,7 +139,7 @@ pub struct EngineConfig {
     pub precision: KvPrecision,
     /// Bytes of K/V cache (allocated, over all tenants) the engine may hold.
     pub kv_budget: u64,
-    /// The most sequences in one decode step.
+    /// The most sequences in one step (prompt chunks and decode tokens).
     pub max_batch: usize,
     /// Prompt tokens prefilled per scheduler step, over all sequences, so that a
     /// long prompt does not stall everyone else's decoding.
