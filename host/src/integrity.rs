@@ -315,7 +315,7 @@ mod tests {
         use super::super::*;
         use crate::cache::{KvCache, KvPrecision};
         use crate::keys::MasterSecret;
-        use crate::model::{synth, BatchSeq, Qwen2, Variant};
+        use crate::model::{synth, BatchSeq, Chunk, Qwen2, Variant};
         use crate::rotation::Keyring;
         use candle_core::Device;
         use candle_nn::VarBuilder;
@@ -509,6 +509,32 @@ mod tests {
             // cache is hers): nothing of Alice's is left to attend to.
             let err = s.model.forward(&[7], &mut a, &bob, Variant::ProbeTime).unwrap_err();
             assert!(err.to_string().contains("failed verification"), "{err}");
+        }
+
+        /// In a batch, the sequence whose every block fails verification fails
+        /// alone: its neighbour gets its solo logits and its cache moves on.
+        #[test]
+        fn a_sequence_with_nothing_left_to_attend_to_fails_alone_in_a_batch() {
+            let s = setup();
+            let (alice, bob) = (s.ring.frame("alice", 0).unwrap(), s.ring.frame("bob", 0).unwrap());
+            let (mut a, mut other, mut solo) = (prefilled(&s, &alice), prefilled(&s, &bob), prefilled(&s, &bob));
+            let token = [7];
+            let mut batch = [
+                Chunk { tokens: &token, cache: &mut a, frame: &bob },
+                Chunk { tokens: &token, cache: &mut other, frame: &bob },
+            ];
+            let stepped = s.model.forward_chunks(&mut batch, Variant::ProbeTime).unwrap();
+            let err = stepped.failed[0].as_ref().expect("bob's key over alice's cache fails");
+            assert!(err.to_string().contains("failed verification"), "{err}");
+            assert!(stepped.failed[1].is_none());
+            assert_eq!((a.len(), other.len()), (s.prompt.len(), s.prompt.len() + 1));
+            let alone = s.model.forward(&token, &mut solo, &bob, Variant::ProbeTime).unwrap();
+            let row = stepped.logits.get(1).unwrap().to_vec1::<f32>().unwrap();
+            let diff = row.iter().zip(alone.to_vec1::<f32>().unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "the neighbour's logits moved by {diff}");
+            // `decode_batch` reports the failure as its error.
+            let mut again = [BatchSeq { token: 7, cache: &mut a, frame: &bob }];
+            assert!(s.model.decode_batch(&mut again, Variant::ProbeTime).is_err());
         }
     }
 }

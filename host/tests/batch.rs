@@ -156,7 +156,9 @@ fn a_step_mixing_prompt_chunks_and_decode_tokens_gives_each_sequence_its_solo_lo
     let mut chunks: Vec<Chunk> = (caches.iter_mut().zip(&frames).zip(&feeds))
         .map(|((cache, frame), &tokens)| Chunk { tokens, cache, frame })
         .collect();
-    let logits = model.forward_chunks(&mut chunks, Variant::ProbeTime).unwrap();
+    let stepped = model.forward_chunks(&mut chunks, Variant::ProbeTime).unwrap();
+    assert!(stepped.failed.iter().all(Option::is_none));
+    let logits = stepped.logits;
     assert!(feeds.iter().any(|f| f.len() > 1) && feeds.iter().any(|f| f.len() == 1));
     for (i, (alone, solo_cache)) in solo.iter().enumerate() {
         let diff = (alone - logits.get(i).unwrap()).unwrap().abs().unwrap().max_all().unwrap();

@@ -694,10 +694,16 @@ impl State {
         // Which row of the logits each sequence samples from: decoders, and
         // prefillers whose prompt is now all in.
         let mut rows: Vec<Option<usize>> = vec![None; self.active.len()];
+        let mut finished: Vec<(usize, Finish)> = Vec::new();
         let fed: Vec<usize> = work.iter().map(|w| w.0).collect();
         for (row, (i, tokens, prompt)) in work.into_iter().enumerate() {
             let seq = &mut self.active[i];
             record_findings(&self.metrics, seq);
+            // This sequence's own work failed; the others in the step go on.
+            if let Some(e) = out.as_ref().ok().and_then(|o| o.failed[row].as_ref()) {
+                finished.push((i, Finish::Failed(EngineError::Model(e.to_string()))));
+                continue;
+            }
             if prompt {
                 Metrics::add(&self.metrics.prompt_tokens_prefilled, tokens.len() as u64);
                 seq.context.extend_from_slice(&tokens);
@@ -714,19 +720,20 @@ impl State {
         }
         // Sampling and detokenizing are per sequence: spread over the compute threads.
         let (gen, metrics, max_len) = (&self.gen, &*self.metrics, self.shape.max_len);
-        let finished: Vec<(usize, Finish)> = match &out {
-            // Every sequence in the step fails: its cache may hold part of the step.
+        finished.extend(match &out {
+            // The step as a whole failed: every sequence in it fails (its cache may
+            // hold part of the step).
             Err(e) => fed.into_iter().map(|i| (i, Finish::Failed(EngineError::Model(e.to_string())))).collect(),
-            Ok(logits) => (self.active.par_iter_mut().zip(rows).enumerate())
+            Ok(step) => (self.active.par_iter_mut().zip(rows).enumerate())
                 .filter_map(|(i, (seq, row))| {
-                    let outcome = match logits.get(row?) {
+                    let outcome = match step.logits.get(row?) {
                         Ok(l) => seq.sample(&l, gen, metrics, max_len),
                         Err(e) => Some(Finish::Failed(EngineError::Model(e.to_string()))),
                     };
                     outcome.map(|f| (i, f))
                 })
-                .collect(),
-        };
+                .collect::<Vec<_>>(),
+        });
         self.finish_all(finished);
         true
     }

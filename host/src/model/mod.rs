@@ -47,6 +47,16 @@ pub struct Chunk<'a> {
     pub frame: &'a Frame,
 }
 
+/// What a batched step gives back.
+pub struct Stepped {
+    /// f32 logits of each sequence's last token, (batch, vocab); a failed
+    /// sequence's row means nothing.
+    pub logits: Tensor,
+    /// Per sequence, why its own work failed (its cache is then in doubt: some
+    /// layers hold the step's rows, its length does not count them).
+    pub failed: Vec<Option<Error>>,
+}
+
 /// The plaintext K and V each layer wrote in one forward pass, as (kv, t, d):
 /// for round-trip checks and the eval harness, never stored by serving.
 #[derive(Default)]
@@ -286,21 +296,27 @@ impl Qwen2 {
         let mut chunks: Vec<Chunk> = (seqs.iter_mut().zip(&tokens))
             .map(|(s, t)| Chunk { tokens: std::slice::from_ref(t), cache: &mut *s.cache, frame: s.frame })
             .collect();
-        self.forward_chunks(&mut chunks, variant)
+        let step = self.forward_chunks(&mut chunks, variant)?;
+        match step.failed.into_iter().flatten().next() {
+            Some(e) => Err(e),
+            None => Ok(step.logits),
+        }
     }
 
     /// One step for many sequences at once, each feeding its own tokens (a prompt
     /// chunk, or one decode token) after what its own cache holds, in its own
     /// frame: the weight matmuls run over all their tokens together, rotation and
     /// attention per sequence over its own cache (which may have its own layout).
-    /// Returns f32 logits of each sequence's last token, (batch, vocab). A
-    /// sequence's logits do not depend on who else is in the batch.
-    pub fn forward_chunks(&self, seqs: &mut [Chunk<'_>], variant: Variant) -> Result<Tensor> {
+    /// Returns f32 logits of each sequence's last token, (batch, vocab), and the
+    /// sequences whose own work failed. A sequence's logits do not depend on who
+    /// else is in the batch, and neither does its failure: the others go on.
+    pub fn forward_chunks(&self, seqs: &mut [Chunk<'_>], variant: Variant) -> Result<Stepped> {
         for s in seqs.iter() {
             self.check_input(s.tokens, s.cache.len())?;
         }
         if seqs.is_empty() {
-            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
+            let logits = Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?;
+            return Ok(Stepped { logits, failed: Vec::new() });
         }
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         let positions: Vec<u32> =
@@ -319,19 +335,23 @@ impl Qwen2 {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let ids = Tensor::new(tokens.as_slice(), &self.device)?.unsqueeze(1)?;
         let mut xs = self.embed_tokens.forward(&ids)?; // (tokens, 1, hidden)
+        let mut failed: Vec<Option<Error>> = seqs.iter().map(|_| None).collect();
         for (i, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward_with(&xs, |h| layer.attn.forward_chunks(h, i, &rope, seqs, &masks, variant))?;
+            xs = layer
+                .forward_with(&xs, |h| layer.attn.forward_chunks(h, i, &rope, seqs, &masks, &mut failed, variant))?;
         }
         let mut last = Vec::with_capacity(seqs.len());
         let mut end = 0;
-        for s in seqs.iter_mut() {
+        for (s, failed) in seqs.iter_mut().zip(&failed) {
             end += s.tokens.len();
             last.push(end as u32 - 1);
-            let len = s.cache.len() + s.tokens.len();
-            s.cache.set_len(len);
+            if failed.is_none() {
+                let len = s.cache.len() + s.tokens.len();
+                s.cache.set_len(len);
+            }
         }
         let last = xs.squeeze(1)?.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
-        self.vocab_logits(&last.apply(&self.norm)?)
+        Ok(Stepped { logits: self.vocab_logits(&last.apply(&self.norm)?)?, failed })
     }
 
     /// f32 logits (b, vocab) of b final hidden states (b, hidden).
@@ -471,6 +491,7 @@ impl Attention {
         rope: &BatchRope,
         seqs: &mut [Chunk<'_>],
         masks: &[Option<Tensor>],
+        failed: &mut [Option<Error>],
         variant: Variant,
     ) -> Result<Tensor> {
         let (n, _, _) = xs.dims3()?;
@@ -490,16 +511,27 @@ impl Attention {
                 Some(*at - s.tokens.len())
             })
             .collect();
-        let outs = (seqs.par_iter_mut().zip(masks).zip(&starts))
-            .map(|((s, mask), &start)| {
+        let outs = (seqs.par_iter_mut().zip(masks).zip(&starts).zip(failed))
+            .map(|(((s, mask), &start), failed)| {
                 let t = s.tokens.len();
-                // A sequence's rows, heads first: (heads, t, d).
-                let rows = |x: &Tensor| x.narrow(0, start, t)?.squeeze(2)?.transpose(0, 1)?.contiguous();
-                // Query heads grouped by their kv head: (kv, g * t, d), as in `forward`.
-                let q = rows(&q)?.reshape((kv, g * t, d))?;
-                let seq = SeqStep { pos: s.cache.len(), mask: mask.as_ref(), frame: s.frame, variant };
-                let out = self.attend_seq(index, &q, &rows(&k)?, &rows(&v)?, &seq, s.cache)?; // (kv, g * t, d)
-                Ok(out.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))?)
+                let mut attend = || -> Result<Tensor> {
+                    // A sequence's rows, heads first: (heads, t, d).
+                    let rows = |x: &Tensor| x.narrow(0, start, t)?.squeeze(2)?.transpose(0, 1)?.contiguous();
+                    // Query heads grouped by their kv head: (kv, g * t, d), as in `forward`.
+                    let q = rows(&q)?.reshape((kv, g * t, d))?;
+                    let seq = SeqStep { pos: s.cache.len(), mask: mask.as_ref(), frame: s.frame, variant };
+                    let out = self.attend_seq(index, &q, &rows(&k)?, &rows(&v)?, &seq, s.cache)?; // (kv, g * t, d)
+                    Ok(out.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))?)
+                };
+                if failed.is_none() {
+                    match attend() {
+                        Ok(out) => return Ok(out),
+                        Err(e) => *failed = Some(e),
+                    }
+                }
+                // A sequence whose own work failed (say, every block of its cache
+                // failed verification) rides along on zeros; the caller fails it.
+                Ok(Tensor::zeros((t, h * d), q.dtype(), q.device())?)
             })
             .collect::<Result<Vec<_>>>()?;
         let out = Tensor::cat(&outs, 0)?; // (tokens, h * d)
