@@ -322,23 +322,22 @@ impl Qwen2 {
         let positions: Vec<u32> =
             seqs.iter().flat_map(|s| (s.cache.len()..s.cache.len() + s.tokens.len()).map(|p| p as u32)).collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
-        // Each token is a row with its own position: (tokens, 1, d / 2).
-        let rope = BatchRope {
+        let step = BatchStep {
             cos: self.rope.cos.index_select(&positions, 0)?.unsqueeze(1)?,
             sin: self.rope.sin.index_select(&positions, 0)?.unsqueeze(1)?,
+            masks: (seqs.iter())
+                .map(|s| {
+                    let t = s.tokens.len();
+                    (t > 1).then(|| causal_mask(t, s.cache.len(), self.dtype, &self.device)).transpose()
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            variant,
         };
-        let masks = (seqs.iter())
-            .map(|s| {
-                let t = s.tokens.len();
-                (t > 1).then(|| causal_mask(t, s.cache.len(), self.dtype, &self.device)).transpose()
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let ids = Tensor::new(tokens.as_slice(), &self.device)?.unsqueeze(1)?;
         let mut xs = self.embed_tokens.forward(&ids)?; // (tokens, 1, hidden)
         let mut failed: Vec<Option<Error>> = seqs.iter().map(|_| None).collect();
         for (i, layer) in self.layers.iter().enumerate() {
-            xs = layer
-                .forward_with(&xs, |h| layer.attn.forward_chunks(h, i, &rope, seqs, &masks, &mut failed, variant))?;
+            xs = layer.forward_with(&xs, |h| layer.attn.forward_chunks(h, i, &step, seqs, &mut failed))?;
         }
         let mut last = Vec::with_capacity(seqs.len());
         let mut end = 0;
@@ -413,10 +412,15 @@ fn causal_mask(t: usize, pos: usize, dtype: DType, device: &Device) -> candle_co
     Tensor::from_vec(mask, (t, len), device)?.to_dtype(dtype)
 }
 
-/// Per-token RoPE tables for a batched step, (tokens, 1, d / 2).
-struct BatchRope {
+/// What every layer of a batched step shares.
+struct BatchStep {
+    /// Per-token RoPE tables, (tokens, 1, d / 2): each token is a row with its
+    /// own position.
     cos: Tensor,
     sin: Tensor,
+    /// Each sequence's causal mask over its new rows (None for one row).
+    masks: Vec<Option<Tensor>>,
+    variant: Variant,
 }
 
 impl Layer {
@@ -488,11 +492,9 @@ impl Attention {
         &self,
         xs: &Tensor,
         index: usize,
-        rope: &BatchRope,
+        step: &BatchStep,
         seqs: &mut [Chunk<'_>],
-        masks: &[Option<Tensor>],
         failed: &mut [Option<Error>],
-        variant: Variant,
     ) -> Result<Tensor> {
         let (n, _, _) = xs.dims3()?;
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
@@ -503,15 +505,15 @@ impl Attention {
         let q = heads(self.q_proj.forward(xs)?, h)?; // (tokens, h, 1, d)
         let k = heads(self.k_proj.forward(xs)?, kv)?;
         let v = heads(self.v_proj.forward(xs)?, kv)?;
-        let q = candle_nn::rotary_emb::rope(&q, &rope.cos, &rope.sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &rope.cos, &rope.sin)?;
+        let q = candle_nn::rotary_emb::rope(&q, &step.cos, &step.sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &step.cos, &step.sin)?;
         let starts: Vec<usize> = (seqs.iter())
             .scan(0, |at, s| {
                 *at += s.tokens.len();
                 Some(*at - s.tokens.len())
             })
             .collect();
-        let outs = (seqs.par_iter_mut().zip(masks).zip(&starts).zip(failed))
+        let outs = (seqs.par_iter_mut().zip(&step.masks).zip(&starts).zip(failed))
             .map(|(((s, mask), &start), failed)| {
                 let t = s.tokens.len();
                 let mut attend = || -> Result<Tensor> {
@@ -519,7 +521,8 @@ impl Attention {
                     let rows = |x: &Tensor| x.narrow(0, start, t)?.squeeze(2)?.transpose(0, 1)?.contiguous();
                     // Query heads grouped by their kv head: (kv, g * t, d), as in `forward`.
                     let q = rows(&q)?.reshape((kv, g * t, d))?;
-                    let seq = SeqStep { pos: s.cache.len(), mask: mask.as_ref(), frame: s.frame, variant };
+                    let seq =
+                        SeqStep { pos: s.cache.len(), mask: mask.as_ref(), frame: s.frame, variant: step.variant };
                     let out = self.attend_seq(index, &q, &rows(&k)?, &rows(&v)?, &seq, s.cache)?; // (kv, g * t, d)
                     Ok(out.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))?)
                 };
