@@ -359,7 +359,8 @@ impl Qwen2 {
     /// the host: gemm wants a column-major destination, so x W^T would repack the
     /// whole vocabulary matrix on every step, while W x^T reads it in place (b = 32
     /// on the embedded model: 3.4 ms against 2.2 - 2.9 ms, and 0.15 ms for the
-    /// transpose).
+    /// transpose). The transpose is a tiled loop here because candle's strided copy
+    /// (`t().contiguous()`, kept as the fallback) took 1.7 ms for the same matrix.
     fn vocab_logits(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, _) = xs.dims2()?;
         if b == 1 || !self.device.is_cpu() || self.dtype != DType::F32 {
