@@ -1,7 +1,10 @@
 //! Batched decode: many sequences, each in its own frame and at its own length,
 //! step together through one forward pass and get what they get alone.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{argmax, assert_clear_margins, frame_tolerance, greedy, max_abs_diff, widest_tolerance};
 use kframe::cache::{KvCache, KvPrecision};
 use kframe::keys::MasterSecret;
 use kframe::model::{synth, BatchSeq, Chunk, Qwen2, Variant};
@@ -12,10 +15,6 @@ fn tiny_model() -> (tempfile::TempDir, Qwen2) {
     synth::write_model_dir(tmp.path(), &synth::tiny_config(), 3).unwrap();
     let model = kframe::model::load::ModelDir::open(tmp.path()).unwrap().load_model(DType::F32, &Device::Cpu).unwrap();
     (tmp, model)
-}
-
-fn argmax(logits: &Tensor) -> u32 {
-    logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
 }
 
 /// Six sequences: the identity frame and five tenants, prompts of 3 to 23 tokens.
@@ -43,16 +42,16 @@ fn batched_matches_alone(variant: Variant, precision: KvPrecision) {
         let logits = model.forward(&prompts[i], &mut cache, &frames[i], variant).unwrap();
         (cache, argmax(&logits))
     };
-    // Alone: each sequence decodes by itself.
+    // Alone: each sequence decodes by itself, with a clear greedy margin at every
+    // step (a batch rounds differently, by at most the tolerance).
+    let cfg = model.config();
     let alone: Vec<Vec<u32>> = (0..frames.len())
         .map(|i| {
-            let (mut cache, mut next) = prefill(i);
-            let mut out = vec![next];
-            for _ in 0..12 {
-                next = argmax(&model.forward(&[next], &mut cache, &frames[i], variant).unwrap());
-                out.push(next);
-            }
-            out
+            let mut cache = model.new_cache(precision);
+            let (tokens, logits) = greedy(&model, &mut cache, &frames[i], variant, &prompts[i], 12);
+            let tolerance = widest_tolerance(cfg, prompts[i].len() + 12, cfg.head_dim, &logits);
+            assert_clear_margins(&logits, tolerance, &format!("sequence {i} alone"));
+            tokens
         })
         .collect();
     // Together: one batched step per token.
@@ -94,7 +93,7 @@ fn batched_decode_gives_each_sequence_its_solo_tokens_with_exact_caches() {
 }
 
 #[test]
-fn batched_logits_match_solo_logits_to_1e4() {
+fn batched_logits_match_solo_logits_within_the_rounding_bound() {
     let (_tmp, model) = tiny_model();
     let (frames, prompts) = sequences(&model, KvPrecision::Native);
     let mut solo = Vec::new();
@@ -110,9 +109,11 @@ fn batched_logits_match_solo_logits_to_1e4() {
     let mut seqs: Vec<BatchSeq> =
         caches.iter_mut().zip(&frames).map(|(cache, frame)| BatchSeq { token: 7, cache, frame }).collect();
     let batched = model.decode_batch(&mut seqs, Variant::ProbeTime).unwrap();
+    let cfg = model.config();
     for (i, s) in solo.iter().enumerate() {
-        let diff = (s - batched.get(i).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff <= 1e-4, "sequence {i}: max |batched - solo| = {diff}");
+        let diff = max_abs_diff(s, &batched.get(i).unwrap());
+        let tolerance = frame_tolerance(cfg, prompts[i].len() + 1, cfg.head_dim, s);
+        assert!(diff <= tolerance, "sequence {i}: max |batched - solo| = {diff:e}, bound {tolerance:e}");
     }
 }
 
@@ -160,10 +161,11 @@ fn a_step_mixing_prompt_chunks_and_decode_tokens_gives_each_sequence_its_solo_lo
     assert!(stepped.failed.iter().all(Option::is_none));
     let logits = stepped.logits;
     assert!(feeds.iter().any(|f| f.len() > 1) && feeds.iter().any(|f| f.len() == 1));
+    let cfg = model.config();
     for (i, (alone, solo_cache)) in solo.iter().enumerate() {
-        let diff = (alone - logits.get(i).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
-        let diff = diff.to_scalar::<f32>().unwrap();
-        assert!(diff <= 1e-4, "sequence {i}: max |mixed step - solo| = {diff}");
+        let diff = max_abs_diff(alone, &logits.get(i).unwrap());
+        let tolerance = frame_tolerance(cfg, solo_cache.len(), cfg.head_dim, alone);
+        assert!(diff <= tolerance, "sequence {i}: max |mixed step - solo| = {diff:e}, bound {tolerance:e}");
         assert_eq!(caches[i].len(), solo_cache.len(), "sequence {i}");
     }
 }
@@ -204,16 +206,17 @@ fn a_wrong_key_in_a_batch_of_16_changes_no_other_tenants_tokens() {
     let ring =
         Keyring::new(MasterSecret::from_bytes([4; 32]), model.rotation_shape(), DType::F32, false, Device::Cpu, 32);
     let frames: Vec<Frame> = (0..16).map(|i| ring.frame(&format!("t{i}"), 0).unwrap()).collect();
-    let prompts: Vec<Vec<u32>> = (0..16u32).map(|i| (0..6 + i).map(|j| (13 * i + 3 * j) % 250 + 1).collect()).collect();
+    // Prompts whose greedy runs alone have a clear top-two margin at every step
+    // (checked below), so that batching's other rounding cannot flip a token.
+    let prompts: Vec<Vec<u32>> =
+        (0..16u32).map(|i| (0..6 + i).map(|j| (13 * i + 3 * j + 1) % 250 + 1).collect()).collect();
+    let cfg = model.config();
     let run = |i: usize| -> Vec<u32> {
         let mut cache = model.new_cache(KvPrecision::Native);
-        let mut next = argmax(&model.forward(&prompts[i], &mut cache, &frames[i], Variant::ProbeTime).unwrap());
-        let mut out = vec![next];
-        for _ in 0..10 {
-            next = argmax(&model.forward(&[next], &mut cache, &frames[i], Variant::ProbeTime).unwrap());
-            out.push(next);
-        }
-        out
+        let (tokens, logits) = greedy(&model, &mut cache, &frames[i], Variant::ProbeTime, &prompts[i], 10);
+        let tolerance = widest_tolerance(cfg, prompts[i].len() + 10, cfg.head_dim, &logits);
+        assert_clear_margins(&logits, tolerance, &format!("tenant {i} alone"));
+        tokens
     };
     let alone: Vec<Vec<u32>> = (0..16).map(run).collect();
 
@@ -256,26 +259,23 @@ fn shared_plain_prefix_and_rotated_copy_match_a_single_frame_run() {
     let (frames, prompts) = sequences(&model, KvPrecision::Native);
     let prefix_tokens: Vec<u32> = (0..40).map(|j| (11 * j) % 250 + 1).collect();
     let prefix = shared_prefix(&model, prefix_tokens.clone());
+    let cfg = model.config();
     for variant in [Variant::ProbeTime, Variant::DecodeTime] {
-        let greedy = |cache: &mut KvCache, frame: &Frame, suffix: &[u32]| -> Vec<u32> {
-            let mut next = argmax(&model.forward(suffix, cache, frame, variant).unwrap());
-            let mut out = vec![next];
-            for _ in 0..8 {
-                next = argmax(&model.forward(&[next], cache, frame, variant).unwrap());
-                out.push(next);
-            }
-            out
+        let greedy = |cache: &mut KvCache, frame: &Frame, suffix: &[u32]| -> (Vec<u32>, Vec<Tensor>) {
+            greedy(&model, cache, frame, variant, suffix, 8)
         };
         let mut shared_caches = Vec::new();
         let mut firsts = Vec::new();
         for (frame, suffix) in frames.iter().zip(&prompts) {
             let mut whole: Vec<u32> = prefix_tokens.clone();
             whole.extend(suffix);
-            let reference = greedy(&mut model.new_cache(KvPrecision::Native), frame, &whole);
+            let (reference, logits) = greedy(&mut model.new_cache(KvPrecision::Native), frame, &whole);
+            let tolerance = widest_tolerance(cfg, whole.len() + 8, cfg.head_dim, &logits);
+            assert_clear_margins(&logits, tolerance, &format!("whole context, {variant:?}"));
             let mut shared = KvCache::after_prefix(prefix.clone(), KvPrecision::Native);
-            assert_eq!(greedy(&mut shared, frame, suffix), reference, "shared-plain, {variant:?}");
+            assert_eq!(greedy(&mut shared, frame, suffix).0, reference, "shared-plain, {variant:?}");
             let mut copy = KvCache::rotated_copy(&prefix, frame, KvPrecision::Native).unwrap();
-            assert_eq!(greedy(&mut copy, frame, suffix), reference, "rotate-copy, {variant:?}");
+            assert_eq!(greedy(&mut copy, frame, suffix).0, reference, "rotate-copy, {variant:?}");
             // Batched: the same sequences, after the prefix, decoding together.
             let mut c = KvCache::after_prefix(prefix.clone(), KvPrecision::Native);
             firsts.push(argmax(&model.forward(suffix, &mut c, frame, variant).unwrap()));

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod load;
+pub mod rounding;
 pub mod synth;
 
 pub use config::Config;
@@ -17,7 +18,7 @@ use crate::cache::{CacheShape, KvCache, KvPrecision};
 use crate::error::{Error, Result};
 use crate::rotation::{Frame, RotationShape};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder};
 use rayon::prelude::*;
 
 /// Where attention applies a tenant's rotation (DESIGN.md section 3). Both give
@@ -72,15 +73,21 @@ struct Rope {
 }
 
 impl Rope {
+    /// The angles are computed in f64 and rounded once to `dtype`: in f32, pos x
+    /// freq carries an error of about pos * 2^-24 radians (2e-3 at position 32k),
+    /// and an f64 run of the model (the tests' reference) gets tables as exact as
+    /// its arithmetic. The inverse frequencies are f32 values, as Hugging Face
+    /// transformers and candle compute them.
     fn new(cfg: &Config, dtype: DType, device: &Device) -> candle_core::Result<Self> {
         let d = cfg.head_dim;
-        let inv_freq: Vec<f32> =
-            (0..d).step_by(2).map(|i| 1f32 / cfg.rope_theta.powf(i as f64 / d as f64) as f32).collect();
+        let inv_freq: Vec<f64> =
+            (0..d).step_by(2).map(|i| (1f32 / cfg.rope_theta.powf(i as f64 / d as f64) as f32) as f64).collect();
         let n = cfg.max_position_embeddings;
-        let inv_freq = Tensor::from_vec(inv_freq, (1, d / 2), device)?;
-        let t = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?.reshape((n, 1))?;
-        let freqs = t.matmul(&inv_freq)?;
-        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+        let angles: Vec<f64> = (0..n).flat_map(|p| inv_freq.iter().map(move |f| p as f64 * f)).collect();
+        let table = |f: fn(f64) -> f64| {
+            Tensor::from_vec(angles.iter().map(|&a| f(a)).collect::<Vec<_>>(), (n, d / 2), device)?.to_dtype(dtype)
+        };
+        Ok(Self { cos: table(f64::cos)?, sin: table(f64::sin)? })
     }
 
     /// x: (1, heads, t, d) -> same, rotated for positions pos..pos+t.
@@ -126,6 +133,33 @@ impl Module for Proj {
     }
 }
 
+/// RMSNorm: candle-nn's fused kernel for f32, f16 and bf16; for f64 (which that
+/// kernel does not take) the same formula in tensor ops, so that the model runs
+/// in f64 as a reference for its own rounding error.
+struct Norm {
+    fused: candle_nn::RmsNorm,
+    weight: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        let fused = candle_nn::rms_norm(size, eps, vb)?;
+        let weight = fused.weight().clone();
+        Ok(Self { fused, weight, eps })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.dtype() != DType::F64 {
+            return self.fused.forward(x);
+        }
+        let mean_square = (x.sqr()?.sum_keepdim(candle_core::D::Minus1)? / x.dim(candle_core::D::Minus1)? as f64)?;
+        x.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)
+    }
+}
+
 struct Attention {
     q_proj: Proj,
     k_proj: Proj,
@@ -146,8 +180,8 @@ struct Mlp {
 struct Layer {
     attn: Attention,
     mlp: Mlp,
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
+    input_layernorm: Norm,
+    post_attention_layernorm: Norm,
 }
 
 /// Everything one layer's attention needs besides its input (one sequence).
@@ -169,7 +203,7 @@ pub struct Qwen2 {
     cfg: Config,
     embed_tokens: Embedding,
     layers: Vec<Layer>,
-    norm: RmsNorm,
+    norm: Norm,
     lm_head: Linear,
     rope: Rope,
     dtype: DType,
@@ -205,11 +239,11 @@ impl Qwen2 {
             layers.push(Layer {
                 attn,
                 mlp,
-                input_layernorm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vl.pp("input_layernorm"))?,
-                post_attention_layernorm: candle_nn::rms_norm(h, cfg.rms_norm_eps, vl.pp("post_attention_layernorm"))?,
+                input_layernorm: Norm::new(h, cfg.rms_norm_eps, vl.pp("input_layernorm"))?,
+                post_attention_layernorm: Norm::new(h, cfg.rms_norm_eps, vl.pp("post_attention_layernorm"))?,
             });
         }
-        let norm = candle_nn::rms_norm(h, cfg.rms_norm_eps, vm.pp("norm"))?;
+        let norm = Norm::new(h, cfg.rms_norm_eps, vm.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.embeddings().clone(), None)
         } else {
