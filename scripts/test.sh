@@ -23,4 +23,4 @@ cargo test --no-fail-fast
 # The numeric comparisons again on one compute thread, which splits every matmul
 # differently: their rounding bounds (kframe::model::rounding) must hold for any
 # summation order, not only the one this machine picks by default.
-RAYON_NUM_THREADS=1 cargo test --no-fail-fast --test engine --test batch --test embedded --test padding
+RAYON_NUM_THREADS=1 cargo test --no-fail-fast -p kframe-model --test forward --test batch --test embedded --test padding

@@ -137,7 +137,7 @@ fn eval_recall_json_reports_matched_wrong_key_and_baseline() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["tenants"], 4);
     // A random-weight model recalls nothing; the mechanics and the fields are what
-    // this checks (the embedded model's recall is checked in host/tests/embedded.rs).
+    // this checks (the embedded model's recall is checked in host/model/tests/embedded.rs).
     for field in ["matched_recall", "identity_recall", "wrong_key_recall", "no_context_recall", "wrong_key_upper95"] {
         assert!(r[field].as_f64().is_some(), "{field} in {r}");
     }
@@ -155,7 +155,7 @@ fn without_an_embedded_model_generate_asks_for_one() {
 
 #[test]
 fn plugin_check_accepts_every_shipped_plugin_and_rejects_malformed_components() {
-    let dir = kframe::plugin::shipped_dir();
+    let dir = kframe_policy::shipped_dir();
     let mut shipped: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-plugins.sh", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -188,14 +188,14 @@ fn plugin_check_accepts_every_shipped_plugin_and_rejects_malformed_components() 
         "2000",
         "--config",
         "every=0",
-        &kframe::plugin::shipped("verify-sampled").display().to_string(),
+        &kframe_policy::shipped("verify-sampled").display().to_string(),
     ]);
     assert!(stdout(&bad_config).contains("refused its configuration"), "{}", stdout(&bad_config));
 
     // The hostile fixture misbehaves as configured; its trial decision exposes it.
-    let hostile = kframe::plugin::shipped("hostile").display().to_string();
+    let hostile = kframe_policy::shipped("hostile").display().to_string();
     // (The memory bomb and the huge answer may meet the 50 ms deadline first on a
-    // busy machine; host/tests/plugins.rs checks them with a longer deadline.)
+    // busy machine; host/policy/tests/plugins.rs checks them with a longer deadline.)
     for (mode, reasons) in [
         ("loop", &["timed out"][..]),
         ("membomb", &["memory limit", "timed out"]),
@@ -223,7 +223,7 @@ fn bench_plugins_json_has_the_median_fields() {
 #[test]
 fn a_third_party_adversary_from_examples_runs_through_probe_and_is_scored() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/most-frequent-probe/target/wasm32-wasip2/release/most_frequent_probe.wasm");
+        .join("../../examples/most-frequent-probe/target/wasm32-wasip2/release/most_frequent_probe.wasm");
     assert!(example.exists(), "{} is built by scripts/build-plugins.sh", example.display());
     let tmp = tempfile::tempdir().unwrap();
     let args = ["eval", "attack", "--tenants", "4", "--no-reference", "--out", tmp.path().to_str().unwrap()];

@@ -304,7 +304,7 @@ fn a_hundred_tenants_in_parallel_each_recall_their_own_secret_from_their_session
     // The embedded model, which answers from its context.
     let data = tempfile::tempdir().unwrap();
     let server = std::sync::Arc::new(Server::start_on(None, data.path(), &[]));
-    let names: Vec<&str> = include_str!("../host/src/corpus/names.txt")
+    let names: Vec<&str> = include_str!("../host/model/src/corpus/names.txt")
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .collect();
@@ -371,7 +371,7 @@ fn the_official_openai_python_client_completes_chats_and_streams() {
     let f = fixture();
     let server = Server::start(&f.model, &f.data, &[]);
     let key = server.tenant("alice");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/http/openai_client.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/http/openai_client.py");
     let out = Command::new(python)
         .arg(script)
         .arg(format!("http://{}", server.addr))
@@ -608,7 +608,7 @@ fn requests_are_verified_by_the_corrective_layer_and_its_event_list_is_admin_onl
 }
 
 fn shipped_plugin(name: &str) -> Vec<u8> {
-    let path = kframe::plugin::shipped(name);
+    let path = kframe_policy::shipped(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-plugins.sh)", path.display()))
 }
 

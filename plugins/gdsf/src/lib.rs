@@ -41,7 +41,7 @@ impl EvictionPolicy for Gdsf {
     }
     fn on_insert(&mut self, entry: Entry) {
         let id = entry.id;
-        self.table.insert(entry);
+        self.table.insert(entry.into());
         self.refresh(id);
     }
     fn on_hit(&mut self, id: u64, now: u64) {

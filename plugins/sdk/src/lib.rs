@@ -37,7 +37,7 @@ pub fn quiet_panics() {
 #[cfg(feature = "admission")]
 pub mod admission {
     wit_bindgen::generate!({
-        path: "../../wit/policy",
+        path: "../../wit/policy/v0.2.0",
         world: "admission-policy",
         pub_export_macro: true,
         export_macro_name: "export_admission_world",
@@ -48,7 +48,7 @@ pub mod admission {
 #[cfg(feature = "eviction")]
 pub mod eviction {
     wit_bindgen::generate!({
-        path: "../../wit/policy",
+        path: "../../wit/policy/v0.2.0",
         world: "eviction-policy",
         pub_export_macro: true,
         export_macro_name: "export_eviction_world",
@@ -59,7 +59,7 @@ pub mod eviction {
 #[cfg(feature = "depth-gate")]
 pub mod depth_gate {
     wit_bindgen::generate!({
-        path: "../../wit/policy",
+        path: "../../wit/policy/v0.2.0",
         world: "depth-gate-policy",
         pub_export_macro: true,
         export_macro_name: "export_depth_gate_world",
@@ -70,7 +70,7 @@ pub mod depth_gate {
 #[cfg(feature = "adversary")]
 pub mod adversary {
     wit_bindgen::generate!({
-        path: "../../wit/probe",
+        path: "../../wit/probe/v0.1.0",
         world: "adversary",
         pub_export_macro: true,
         export_macro_name: "export_adversary_world",
@@ -126,71 +126,17 @@ pub trait DepthGatePolicy: Default + 'static {
     fn gates(&mut self, shape: ModelShape, tenant: u64, context_len: u32) -> Vec<LayerGate>;
 }
 
-/// An entry as an eviction policy tracks it.
+/// The bookkeeping every eviction policy needs (the live entries, their hits, last
+/// use and pin state), kept up to date by [`EvictionPolicy`]'s default hooks. The
+/// host keeps the same table (kframe-entries) to check the victims a policy names.
 #[cfg(feature = "eviction")]
-#[derive(Debug, Clone)]
-pub struct Tracked {
-    pub entry: Entry,
-    pub hits: u64,
-    pub last_used: u64,
-}
-
-/// The bookkeeping every eviction policy needs: the live entries, their hits,
-/// last use and pin state, kept up to date by [`EvictionPolicy`]'s default hooks.
-#[cfg(feature = "eviction")]
-#[derive(Debug, Default)]
-pub struct EntryTable {
-    entries: std::collections::BTreeMap<u64, Tracked>,
-}
+pub use kframe_entries::{take_until, EntryTable, Tracked};
 
 #[cfg(feature = "eviction")]
-impl EntryTable {
-    pub fn insert(&mut self, entry: Entry) {
-        let last_used = entry.inserted;
-        self.entries.insert(entry.id, Tracked { entry, hits: 0, last_used });
+impl From<Entry> for kframe_entries::Entry {
+    fn from(e: Entry) -> Self {
+        Self { id: e.id, tenant: e.tenant, bytes: e.bytes, tokens: e.tokens, pinned: e.pinned, inserted: e.inserted }
     }
-    pub fn hit(&mut self, id: u64, now: u64) {
-        if let Some(t) = self.entries.get_mut(&id) {
-            t.hits += 1;
-            t.last_used = now;
-        }
-    }
-    pub fn pin(&mut self, id: u64, pinned: bool) {
-        if let Some(t) = self.entries.get_mut(&id) {
-            t.entry.pinned = pinned;
-        }
-    }
-    pub fn remove(&mut self, id: u64) {
-        self.entries.remove(&id);
-    }
-    pub fn get(&self, id: u64) -> Option<&Tracked> {
-        self.entries.get(&id)
-    }
-    pub fn iter(&self) -> impl Iterator<Item = &Tracked> {
-        self.entries.values()
-    }
-    /// Unpinned entries in ascending order of `score` (ties by id), taken until
-    /// they free `bytes_needed`.
-    pub fn lowest_first<K: Ord>(&self, bytes_needed: u64, score: impl Fn(&Tracked) -> K) -> Vec<u64> {
-        let mut candidates: Vec<&Tracked> = self.entries.values().filter(|t| !t.entry.pinned).collect();
-        candidates.sort_by_key(|t| (score(t), t.entry.id));
-        take_until(candidates.into_iter(), bytes_needed)
-    }
-}
-
-/// Ids from `ordered` until their bytes reach `bytes_needed`.
-#[cfg(feature = "eviction")]
-pub fn take_until<'a>(ordered: impl Iterator<Item = &'a Tracked>, bytes_needed: u64) -> Vec<u64> {
-    let mut freed = 0;
-    let mut out = Vec::new();
-    for t in ordered {
-        if freed >= bytes_needed {
-            break;
-        }
-        freed += t.entry.bytes;
-        out.push(t.entry.id);
-    }
-    out
 }
 
 #[cfg(feature = "eviction")]
@@ -201,7 +147,7 @@ pub trait EvictionPolicy: Default + 'static {
     /// The policy's entry table; the default hooks below keep it current.
     fn table(&mut self) -> &mut EntryTable;
     fn on_insert(&mut self, entry: Entry) {
-        self.table().insert(entry)
+        self.table().insert(entry.into())
     }
     fn on_hit(&mut self, id: u64, now: u64) {
         self.table().hit(id, now)

@@ -1,0 +1,327 @@
+//! `kframe bench rotation`: what a tenant's rotation costs a decode step.
+//! ([`serve`] holds `kframe bench serve`, [`http`] `kframe bench http`; `plugins`
+//! times the policy components.)
+//!
+//! The model has the layer shape of Qwen2.5-3B (random weights, fewer layers, a
+//! smaller vocabulary): rotation costs O(heads * d^2) per layer against
+//! O(hidden * intermediate) for the layer, so only the real shape gives the real
+//! ratio. Variants are timed in interleaved rounds and compared by their medians,
+//! so drift on a noisy machine hits every variant alike.
+
+pub mod http;
+pub mod serve;
+
+pub use http::{http, HttpBenchOptions, HttpReport};
+pub use serve::{serve, ServeBenchOptions, ServeReport};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::qwen2::ModelForCausalLM;
+use kframe_core::cache::{KvCache, KvPrecision};
+use kframe_core::keys::MasterSecret;
+use kframe_core::rotation::{Frame, Keyring};
+use kframe_model::error::Result;
+use kframe_model::load::ModelDir;
+use kframe_model::{synth, Qwen2, Variant};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct RotationBenchOptions {
+    pub layers: usize,
+    pub vocab_size: usize,
+    pub rounds: usize,
+    pub contexts: Vec<usize>,
+}
+
+impl Default for RotationBenchOptions {
+    fn default() -> Self {
+        Self { layers: 2, vocab_size: 32_768, rounds: 30, contexts: vec![512, 4096] }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ContextTimes {
+    pub context: usize,
+    pub identity_tok_s: f64,
+    pub probe_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub probe_over_identity: f64,
+    pub decode_over_identity: f64,
+    pub decode_over_probe: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RotationReport {
+    pub model: String,
+    pub machine: String,
+    pub rounds: usize,
+    pub contexts: Vec<ContextTimes>,
+    /// The same measurement on the embedded model (empty in builds without one).
+    pub embedded_model: Vec<ContextTimes>,
+    pub probe_over_identity_ctx512: Option<f64>,
+    pub probe_over_identity_ctx4096: Option<f64>,
+    pub decode_over_probe_ctx4096: Option<f64>,
+    pub kframe_tok_s: f64,
+    pub candle_tok_s: f64,
+    pub kframe_over_candle: f64,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<f64> {
+    let start = Instant::now();
+    f()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+const TOKEN: [u32; 1] = [42];
+
+/// Decode-step throughput in the identity frame and in a tenant frame with each
+/// variant, the cache holding `ctx` tokens, over interleaved rounds.
+fn time_variants(model: &Qwen2, tenant: &Frame, ctx: usize, rounds: usize) -> Result<ContextTimes> {
+    let runs: [(&Frame, Variant); 3] =
+        [(&Frame::Identity, Variant::ProbeTime), (tenant, Variant::ProbeTime), (tenant, Variant::DecodeTime)];
+    let mut caches: Vec<KvCache> = runs.iter().map(|_| model.new_cache(KvPrecision::Native)).collect();
+    for cache in &mut caches {
+        cache.fill_random(ctx)?;
+    }
+    let mut times = vec![Vec::new(); runs.len()];
+    for round in 0..rounds + 2 {
+        // Alternate the order so no variant always runs after the same one.
+        let order = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        for i in order {
+            let (frame, variant) = runs[i];
+            let cache = &mut caches[i];
+            let dt = time(|| model.forward(&TOKEN, cache, frame, variant))?;
+            cache.truncate(ctx)?;
+            if round >= 2 {
+                times[i].push(dt); // the first two rounds warm caches and allocators
+            }
+        }
+    }
+    let [id, probe, decode] = [0, 1, 2].map(|i| 1.0 / median(times[i].clone()));
+    Ok(ContextTimes {
+        context: ctx,
+        identity_tok_s: id,
+        probe_tok_s: probe,
+        decode_tok_s: decode,
+        probe_over_identity: probe / id,
+        decode_over_identity: decode / id,
+        decode_over_probe: decode / probe,
+    })
+}
+
+pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> Result<RotationReport> {
+    let device = Device::Cpu;
+    let cfg = synth::qwen25_3b_layer_config(opts.layers, opts.vocab_size);
+    progress("building random Qwen2.5-3B-shaped weights");
+    let weights = synth::random_weights(&cfg, 1, DType::F32, &device)?;
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &device);
+    let model = Qwen2::new(&cfg, vb.clone())?;
+    let ring =
+        Keyring::builder(MasterSecret::random(), model.rotation_shape()).device(device.clone()).capacity(4).build();
+    let tenant = ring.frame("bench-tenant", 0)?;
+
+    let mut contexts = Vec::new();
+    for &ctx in &opts.contexts {
+        progress(&format!("decode at context {ctx}"));
+        contexts.push(time_variants(&model, &tenant, ctx, opts.rounds)?);
+    }
+
+    // The same ratios on the embedded model, whose layers are far smaller than
+    // Qwen2.5-3B's while d is the same: the worst case for rotation's share.
+    let mut embedded_contexts = Vec::new();
+    if let Ok(dir) = ModelDir::embedded() {
+        progress("the embedded model");
+        let embedded = dir.load_model(DType::F32, &device)?;
+        let ring = Keyring::builder(MasterSecret::random(), embedded.rotation_shape())
+            .device(device.clone())
+            .capacity(4)
+            .build();
+        let embedded_tenant = ring.frame("bench-tenant", 0)?;
+        for ctx in [512, 1000].into_iter().filter(|&c| c < embedded.config().max_position_embeddings) {
+            embedded_contexts.push(time_variants(&embedded, &embedded_tenant, ctx, opts.rounds)?);
+        }
+    }
+
+    // kframe (identity) against candle-transformers' qwen2 on the same weights,
+    // both decoding after the same 512-token prefill, steps interleaved.
+    progress("prefill 512 tokens in kframe and in candle-transformers qwen2");
+    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919) % cfg.vocab_size as u32).collect();
+    let mut reference = ModelForCausalLM::new(&cfg.to_candle(), vb)?;
+    let mut cache = model.new_cache(KvPrecision::Native);
+    model.forward(&prompt, &mut cache, &Frame::Identity, Variant::ProbeTime)?;
+    reference.forward(&Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?, 0)?;
+    progress("decode steps, kframe vs candle");
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for step in 0..opts.rounds + 2 {
+        let pos = prompt.len() + step;
+        let t_ours = time(|| model.forward(&TOKEN, &mut cache, &Frame::Identity, Variant::ProbeTime))?;
+        let ids = Tensor::new(&TOKEN, &device)?.unsqueeze(0)?;
+        let t_theirs = time(|| Ok(reference.forward(&ids, pos)?))?;
+        if step >= 2 {
+            ours.push(t_ours);
+            theirs.push(t_theirs);
+        }
+    }
+    let (kframe_tok_s, candle_tok_s) = (1.0 / median(ours), 1.0 / median(theirs));
+    let at = |ctx: usize, f: fn(&ContextTimes) -> f64| contexts.iter().find(|c| c.context == ctx).map(f);
+    Ok(RotationReport {
+        model: format!(
+            "random Qwen2 with Qwen2.5-3B layer shape: {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, intermediate {}, vocab {}, f32",
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            cfg.vocab_size
+        ),
+        machine: kframe_model::device::machine(),
+        rounds: opts.rounds,
+        probe_over_identity_ctx512: at(512, |c| c.probe_over_identity),
+        probe_over_identity_ctx4096: at(4096, |c| c.probe_over_identity),
+        decode_over_probe_ctx4096: at(4096, |c| c.decode_over_probe),
+        contexts,
+        embedded_model: embedded_contexts,
+        kframe_tok_s,
+        candle_tok_s,
+        kframe_over_candle: kframe_tok_s / candle_tok_s,
+    })
+}
+
+impl RotationReport {
+    pub fn to_text(&self) -> String {
+        let mut s = format!("model: {}\nmachine: {}\nrounds: {} (medians)\n\n", self.model, self.machine, self.rounds);
+        s += "context  identity tok/s  probe-time tok/s  decode-time tok/s  probe/identity  decode/identity\n";
+        for c in &self.contexts {
+            s += &format!(
+                "{:>7}  {:>14.2}  {:>16.2}  {:>17.2}  {:>14.3}  {:>15.3}\n",
+                c.context,
+                c.identity_tok_s,
+                c.probe_tok_s,
+                c.decode_tok_s,
+                c.probe_over_identity,
+                c.decode_over_identity
+            );
+        }
+        if !self.embedded_model.is_empty() {
+            s += "\nembedded model:\n";
+        }
+        for c in &self.embedded_model {
+            s += &format!(
+                "{:>7}  {:>14.2}  {:>16.2}  {:>17.2}  {:>14.3}  {:>15.3}\n",
+                c.context,
+                c.identity_tok_s,
+                c.probe_tok_s,
+                c.decode_tok_s,
+                c.probe_over_identity,
+                c.decode_over_identity
+            );
+        }
+        s += &format!(
+            "\nkframe (identity) {:.2} tok/s vs candle-transformers qwen2 {:.2} tok/s at context 512: kframe/candle = {:.3}\n",
+            self.kframe_tok_s, self.candle_tok_s, self.kframe_over_candle
+        );
+        s
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginReport {
+    pub machine: String,
+    pub entries: usize,
+    pub samples: usize,
+    /// One `victims` call through the lru component, 1000 live entries.
+    pub eviction_1000_us_median: f64,
+    /// One `decide` call through the capacity component.
+    pub admission_us_median: f64,
+    /// The native LRU fallback over the same entries, for scale.
+    pub native_eviction_1000_us_median: f64,
+}
+
+/// Median microseconds of `samples` runs of `f`.
+fn median_us(samples: usize, mut f: impl FnMut()) -> f64 {
+    let times = (0..samples)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    median(times)
+}
+
+pub fn plugins() -> anyhow::Result<PluginReport> {
+    use kframe_policy::{shipped, Entry, Limits, Load, PluginRuntime, PolicyKind, PolicySet, Request};
+    let set = PolicySet::new(PluginRuntime::new(Limits::default(), None)?);
+    for (kind, name) in [(PolicyKind::Eviction, "lru"), (PolicyKind::Admission, "capacity")] {
+        let path = shipped(name);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}; run scripts/build-plugins.sh", path.display()))?;
+        set.swap(kind, name, &bytes, "")?;
+    }
+    let entries = 1000;
+    let mut mirror = kframe_entries::EntryTable::default();
+    for id in 0..entries as u64 {
+        let entry = Entry { id, tenant: id % 37, bytes: 4096 + id, tokens: 64, pinned: false, inserted: id };
+        set.on_insert(entry);
+        mirror.insert(entry.into());
+    }
+    let samples = 300;
+    let mut now = entries as u64;
+    let eviction = median_us(samples, || {
+        now += 1;
+        let d = set.victims(3 * 4096, now);
+        assert!(matches!(d.by, kframe_policy::DecidedBy::Plugin(_)), "{:?}", d.by);
+    });
+    let native = median_us(samples, || {
+        std::hint::black_box(mirror.lru_victims(3 * 4096));
+    });
+    let load = Load { active_sequences: 10, queued: 0, queue_limit: 64, cache_bytes: 1 << 20, cache_budget: 1 << 30 };
+    let req = Request { tenant: 1, tier: 0, prompt_tokens: 100, max_tokens: 100, bytes_needed: 1 << 16, now: 1 };
+    let admission = median_us(samples, || {
+        std::hint::black_box(set.admit(&req, &load));
+    });
+    Ok(PluginReport {
+        machine: kframe_model::device::machine(),
+        entries,
+        samples,
+        eviction_1000_us_median: eviction,
+        admission_us_median: admission,
+        native_eviction_1000_us_median: native,
+    })
+}
+
+impl PluginReport {
+    pub fn to_text(&self) -> String {
+        format!(
+            "machine: {}\nmedians of {} calls\neviction decision over {} entries (lru component): {:.1} us\n\
+             native LRU over the same entries: {:.1} us\nadmission decision (capacity component): {:.1} us\n",
+            self.machine,
+            self.samples,
+            self.entries,
+            self.eviction_1000_us_median,
+            self.native_eviction_1000_us_median,
+            self.admission_us_median
+        )
+    }
+}
+
+/// Reads one request's event stream to its end; the tokens it generated.
+fn drain(mut stream: kframe_engine::Stream) -> anyhow::Result<usize> {
+    use kframe_engine::Event;
+    let mut tokens = 0;
+    while let Some(ev) = stream.next_blocking() {
+        match ev {
+            Event::Token { .. } => tokens += 1,
+            Event::Text(_) => {}
+            Event::Done { .. } => break,
+            Event::Failed(e) => anyhow::bail!("bench request failed: {e}"),
+        }
+    }
+    Ok(tokens)
+}

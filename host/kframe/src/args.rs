@@ -1,0 +1,419 @@
+//! The command line's shape: every command, argument and default. The command-line
+//! spellings of the libraries' choices (devices, variants, precisions) live here
+//! too, as clap value enums that convert into the library types.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kframe_core::cache::KvPrecision;
+use kframe_core::layout::{DEFAULT_EXTRA, DEFAULT_MARGIN};
+use kframe_engine::PrefixMode;
+use kframe_eval::suite::Experiment;
+use kframe_model::device::{DeviceChoice, DtypeChoice};
+use kframe_model::Variant;
+use kframe_policy::PolicyKind;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "kframe", version, about = "One shared Qwen2 model, a private attention frame per tenant")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the OpenAI-compatible HTTP API (tenants, sessions, admin) on the engine.
+    Serve(ServeArgs),
+    /// Generate a completion for one prompt, streaming tokens to stdout.
+    Generate(GenerateArgs),
+    /// Measure costs; ratios are taken within one run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Inspect policy plugin components.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Measure isolation claims on the engine.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Write a random-weight Qwen2 model directory (config.json, model.safetensors,
+    /// tokenizer.json) for tests and benchmarks.
+    SynthModel(SynthArgs),
+    /// Measure the norms K and V reach, per layer and kv head (over the whole
+    /// vocabulary and the built-in corpus), and write the norm-pad calibration
+    /// padded layers use (store it as kframe-pad.json in the model directory).
+    Calibrate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Target norm = largest measured norm x margin.
+        #[arg(long, default_value_t = DEFAULT_MARGIN)]
+        margin: f64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the synthetic retrieval corpus as JSON lines: training documents, or
+    /// recall questions with `--recall K` (K records each).
+    Corpus {
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 1000)]
+        docs: usize,
+        #[arg(long)]
+        recall: Option<usize>,
+    },
+}
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A Hugging Face style Qwen2 directory [default: the embedded model].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t)]
+    pub device: DeviceArg,
+    #[arg(long, value_enum, default_value_t)]
+    pub dtype: DtypeArg,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    /// Run in this tenant's private frame; without it, in the identity frame.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub epoch: u64,
+    #[arg(long, value_enum, default_value_t)]
+    pub variant: VariantArg,
+    #[arg(long, value_enum, default_value_t)]
+    pub kv_precision: PrecisionArg,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where the master secret lives [default: $KFRAME_DATA_DIR or ~/.local/share/kframe].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+    /// Master secret, admin token and tenant database [default: $KFRAME_DATA_DIR or ~/.local/share/kframe].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Bytes of K/V cache the engine may hold over all tenants.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub kv_budget: u64,
+    /// A policy component to start with, as KIND=FILE.wasm (kind: admission,
+    /// eviction, depth-gate); repeatable. Components put over the admin API
+    /// replace these and are remembered across restarts.
+    #[arg(long = "policy", value_parser = parse_policy)]
+    pub policies: Vec<(PolicyKind, PathBuf)>,
+    #[arg(long, value_enum, default_value_t)]
+    pub variant: VariantArg,
+    #[arg(long, value_enum, default_value_t)]
+    pub prefix_mode: PrefixModeArg,
+    /// Most sequences in one forward pass (prompt chunks and decode tokens together).
+    #[arg(long, default_value_t = 64)]
+    pub max_batch: usize,
+    /// Largest request body; bigger ones get 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Most prompt tokens in one request (after the chat template); more get 400.
+    #[arg(long, default_value_t = 8192)]
+    pub max_prompt_tokens: usize,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens: usize,
+    /// Open connections served at once; more wait in the listen backlog.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Extra dimensions m of a norm-padded row, on the layers the depth-gate policy
+    /// pads (layer 0 by default); 0 turns padding off.
+    #[arg(long, default_value_t = DEFAULT_EXTRA)]
+    pub pad_dims: usize,
+    /// Start even if a policy component the registry kept no longer loads (built
+    /// for another WIT version, say): it is dropped, and the native policy decides.
+    #[arg(long)]
+    pub drop_unloadable_policies: bool,
+}
+
+fn parse_policy(s: &str) -> Result<(PolicyKind, PathBuf), String> {
+    let (kind, file) = s.split_once('=').ok_or("expected KIND=FILE.wasm")?;
+    let kind = PolicyKind::from_name(&kind.to_ascii_lowercase())
+        .ok_or_else(|| format!("unknown policy kind `{kind}`: use admission, eviction or depth-gate"))?;
+    Ok((kind, PathBuf::from(file)))
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Decode tok/s: identity vs probe-time vs decode-time rotation, and kframe vs
+    /// candle-transformers' qwen2, on the Qwen2.5-3B layer shape.
+    Rotation {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+    },
+    /// Shared prefill, batched decode, per-tenant memory and policy cost of the
+    /// serving engine, as ratios measured in one run.
+    Serve {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 1000)]
+        tenants: usize,
+    },
+    /// HTTP over the in-process engine: aggregate decode tok/s with many
+    /// concurrent streaming tenants, time to first token, and a many-tenant load
+    /// checked for errors and cross-tenant leaks (server in a child process).
+    Http {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 256)]
+        concurrent: usize,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 1000)]
+        load_tenants: usize,
+        #[arg(long, default_value_t = 10)]
+        requests_per_tenant: usize,
+    },
+    /// Median cost of one eviction decision over 1000 entries and of one admission
+    /// decision through Wasm policy components (the shipped lru and capacity).
+    Plugins {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PluginCommand {
+    /// Report which kframe:policy world each component implements, or why it is
+    /// rejected (exit status 1 if any is).
+    Check {
+        files: Vec<PathBuf>,
+        /// The configuration string passed to each component's `configure`.
+        #[arg(long, default_value = "")]
+        config: String,
+        /// Deadline of each call, as serving sets it.
+        #[arg(long, default_value_t = 50)]
+        deadline_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Recall of each tenant's secrets with its own key, a wrong key, and no context.
+    Recall {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 100)]
+        tenants: usize,
+        #[arg(long, default_value_t = 4)]
+        records: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t)]
+        variant: VariantArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every tenant with its own key behind a shared prefix: PASS-CLEAN count.
+    Matched(SuiteArgs),
+    /// Each tenant reads a neighbour's cache with its own key (T = 2 .. N).
+    WrongKey(SuiteArgs),
+    /// Cosine between real K rows and their cross-key readouts; writes the
+    /// spot-check's pre-registered pairs.
+    Readout(SuiteArgs),
+    /// Runs the readout's highest-cosine pairs as wrong-key reads.
+    SpotCheck(SuiteArgs),
+    /// Adversary components: reconstruction, membership, known-plaintext Procrustes.
+    Attack(SuiteArgs),
+    /// Every experiment above, in order, into one report.
+    All(SuiteArgs),
+}
+
+/// The options every experiment of the isolation eval shares.
+#[derive(Args)]
+pub struct SuiteArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value_t = 100)]
+    pub tenants: usize,
+    /// Private records (name and secret) per tenant.
+    #[arg(long, default_value_t = 4)]
+    pub records: usize,
+    /// Readout samples: (reader, writer) pairs, each with one real K row
+    /// [default: 1000 per tenant, at most 1,000,000].
+    #[arg(long)]
+    pub pairs: Option<usize>,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Where report.json, report.md and the figures go.
+    #[arg(long, default_value = "eval-report")]
+    pub out: PathBuf,
+    /// An adversary component (world kframe:probe/adversary) to run beside the
+    /// shipped ones; repeatable. (`--probe` is the older spelling.)
+    #[arg(long = "adversary", alias = "probe", value_name = "FILE.wasm")]
+    pub adversaries: Vec<PathBuf>,
+    /// Run only the --adversary components, not the shipped reference adversaries.
+    #[arg(long)]
+    pub no_reference: bool,
+    /// Victims the co-tenant adversaries attack [default: all tenants, at most 250].
+    #[arg(long)]
+    pub victims: Option<usize>,
+    /// Victims whose key the Procrustes sweep recovers.
+    #[arg(long, default_value_t = 4)]
+    pub key_victims: usize,
+    /// Wall-clock limit of one adversary call.
+    #[arg(long, alias = "probe-deadline-ms", default_value_t = 20_000)]
+    pub adversary_deadline_ms: u64,
+    /// Extra dimensions m of the attack's norm-padded runs; 0 skips them.
+    #[arg(long, default_value_t = DEFAULT_EXTRA)]
+    pub pad_dims: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Preset {
+    /// 2 layers, hidden 512, 4 heads / 2 kv heads, head_dim 128, vocab 512.
+    Tiny,
+    /// The layer shape of Qwen2.5-3B with `--layers` layers and a 32k vocabulary.
+    Qwen25_3bLayers,
+}
+
+#[derive(Args)]
+pub struct SynthArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "tiny")]
+    pub preset: Preset,
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA if built with it and a GPU is present, else Metal likewise, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Metal,
+    Cuda,
+}
+
+impl From<DeviceArg> for DeviceChoice {
+    fn from(a: DeviceArg) -> Self {
+        match a {
+            DeviceArg::Auto => DeviceChoice::Auto,
+            DeviceArg::Cpu => DeviceChoice::Cpu,
+            DeviceArg::Metal => DeviceChoice::Metal,
+            DeviceArg::Cuda => DeviceChoice::Cuda,
+        }
+    }
+}
+
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum DtypeArg {
+    /// f32 on CPU, bf16 on CUDA, f16 on Metal.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeArg> for DtypeChoice {
+    fn from(a: DtypeArg) -> Self {
+        match a {
+            DtypeArg::Auto => DtypeChoice::Auto,
+            DtypeArg::F32 => DtypeChoice::F32,
+            DtypeArg::F16 => DtypeChoice::F16,
+            DtypeArg::Bf16 => DtypeChoice::Bf16,
+        }
+    }
+}
+
+/// `--variant`: where attention applies a tenant's rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum VariantArg {
+    /// Rotate the queries and un-rotate the output: O(heads * d^2) a step.
+    #[default]
+    ProbeTime,
+    /// Un-rotate the whole cache for a standard kernel: O(context * d^2) a step.
+    DecodeTime,
+}
+
+impl From<VariantArg> for Variant {
+    fn from(a: VariantArg) -> Self {
+        match a {
+            VariantArg::ProbeTime => Variant::ProbeTime,
+            VariantArg::DecodeTime => Variant::DecodeTime,
+        }
+    }
+}
+
+/// `--kv-precision`: how rotated values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum PrecisionArg {
+    /// In the model's dtype: smallest; the round trip within a few ulp.
+    #[default]
+    Native,
+    /// In f64: the round trip is bit-exact in f16/bf16.
+    Exact,
+}
+
+impl From<PrecisionArg> for KvPrecision {
+    fn from(a: PrecisionArg) -> Self {
+        match a {
+            PrecisionArg::Native => KvPrecision::Native,
+            PrecisionArg::Exact => KvPrecision::Exact,
+        }
+    }
+}
+
+/// `--prefix-mode`: how a shared prefix reaches a tenant's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum PrefixModeArg {
+    /// One plaintext copy, referenced by every tenant.
+    #[default]
+    SharedPlain,
+    /// Each tenant gets its own copy rotated into its frame.
+    RotateCopy,
+}
+
+impl From<PrefixModeArg> for PrefixMode {
+    fn from(a: PrefixModeArg) -> Self {
+        match a {
+            PrefixModeArg::SharedPlain => PrefixMode::SharedPlain,
+            PrefixModeArg::RotateCopy => PrefixMode::RotateCopy,
+        }
+    }
+}
+
+/// An experiment of `kframe eval`, as the suite runs it.
+pub fn experiment(cmd: &EvalCommand) -> Option<Experiment> {
+    Some(match cmd {
+        EvalCommand::Recall { .. } => return None,
+        EvalCommand::Matched(_) => Experiment::Matched,
+        EvalCommand::WrongKey(_) => Experiment::WrongKey,
+        EvalCommand::Readout(_) => Experiment::Readout,
+        EvalCommand::SpotCheck(_) => Experiment::SpotCheck,
+        EvalCommand::Attack(_) => Experiment::Attack,
+        EvalCommand::All(_) => Experiment::All,
+    })
+}

@@ -1,0 +1,30 @@
+//! `kframe bench`: costs, as ratios measured within one run.
+
+use super::print_report;
+use crate::args::BenchCommand;
+use kframe_bench::{self as bench, RotationBenchOptions};
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    let progress = |msg: &str| eprintln!("bench: {msg}");
+    match cmd {
+        BenchCommand::Rotation { json, layers, rounds } => {
+            let opts = RotationBenchOptions { layers, rounds, ..Default::default() };
+            let report = bench::rotation(&opts, progress)?;
+            print_report(&report, json, report.to_text())
+        }
+        BenchCommand::Serve { json, tenants } => {
+            let opts = bench::ServeBenchOptions { tenants, ..Default::default() };
+            let report = bench::serve(&opts, progress)?;
+            print_report(&report, json, report.to_text())
+        }
+        BenchCommand::Http { json, concurrent, max_tokens, load_tenants, requests_per_tenant } => {
+            let opts = bench::HttpBenchOptions { concurrent, max_tokens, load_tenants, requests_per_tenant };
+            let report = bench::http(&opts, progress)?;
+            print_report(&report, json, report.to_text())
+        }
+        BenchCommand::Plugins { json } => {
+            let report = bench::plugins()?;
+            print_report(&report, json, report.to_text())
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `kframe serve`: the engine behind the OpenAI-compatible HTTP API, until SIGTERM.
+
+use super::load;
+use crate::args::ServeArgs;
+use kframe_core::keys::{self, MasterSecret};
+use kframe_core::layout::Padding;
+use kframe_engine::{Engine, EngineConfig};
+use kframe_policy::{Limits, PluginRuntime, PolicySet};
+use kframe_server::{self as server, App, Served};
+use std::io::Write;
+use std::sync::Arc;
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let (dir, bundle) = load(&args.model)?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(keys::default_data_dir);
+    let master = MasterSecret::load_or_create(&data_dir)?;
+    let runtime = PluginRuntime::new(Limits::default(), None)?;
+    let policies = Arc::new(PolicySet::new(runtime));
+    for (kind, file) in &args.policies {
+        let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        policies
+            .swap(*kind, &file.display().to_string(), &bytes, "")
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    }
+    let padding = match args.pad_dims {
+        0 => None,
+        extra => Some(Padding { extra, calibration: kframe_model::calibrate::calibration_for(&dir, &bundle)? }),
+    };
+    let engine = EngineConfig {
+        variant: args.variant.into(),
+        prefix_mode: args.prefix_mode.into(),
+        kv_budget: args.kv_budget,
+        max_batch: args.max_batch,
+        padding,
+        ..EngineConfig::default()
+    };
+    let limits = server::Limits {
+        max_body_bytes: args.max_body_bytes,
+        max_prompt_tokens: args.max_prompt_tokens,
+        max_tokens: args.max_tokens,
+        max_connections: args.max_connections,
+        ..server::Limits::default()
+    };
+    let cfg = bundle.model.config();
+    let served = Served {
+        model_id: dir.model_id(),
+        tokenizer: bundle.tokenizer.clone(),
+        chat_template: dir.chat_template.clone(),
+        context_window: cfg.max_position_embeddings,
+        vocab_size: cfg.vocab_size,
+    };
+    // The engine keeps one copy of the master secret (tenant frames, block tags),
+    // the server another (api key and admin token hashes).
+    let engine = Engine::start(bundle, master, policies, engine);
+    let app = App::new(engine, served, &MasterSecret::load_or_create(&data_dir)?, &data_dir, limits)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let app = Arc::new(app);
+        app.restore(args.drop_unloadable_policies).await?;
+        let listener = tokio::net::TcpListener::bind(args.addr).await?;
+        let addr = listener.local_addr()?;
+        let banner = format!(
+            "kframe listening on http://{addr} (model {}, {} tenants)\nadmin token: {}\n",
+            app.model_id,
+            app.registry.len(),
+            data_dir.join(server::ADMIN_TOKEN_FILE).display()
+        );
+        // One write, and its failure is not fatal: a supervisor that reads the
+        // first line and closes the pipe must not take the server down with it
+        // (`println!` panics on a closed stdout).
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(banner.as_bytes()).and_then(|()| out.flush()) {
+            tracing::warn!("could not print the listening address: {e}");
+        }
+        drop(out);
+        server::serve(app, listener, shutdown_signal()).await;
+        anyhow::Ok(())
+    })
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    eprintln!("kframe: shutting down; finishing in-flight requests");
+}

@@ -1,0 +1,26 @@
+//! `kframe`: one shared Qwen2 model, a private attention frame per tenant.
+//!
+//! The binary is the command line over the library crates: [`args`] declares it,
+//! and `commands/` holds one file per command. Which crate does what is in the
+//! workspace README's layout section.
+
+mod args;
+mod commands;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    // First, while this is the only thread.
+    kframe_model::device::pin_compute_threads();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KFRAME_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match commands::run(args::Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

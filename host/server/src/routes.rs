@@ -1,0 +1,503 @@
+//! One function per endpoint. `handle` routes, counts the response and turns
+//! every error into its OpenAI-style JSON; nothing here panics on client input.
+
+use super::completion::{self, JsonSink, SseSink};
+use super::http::{bearer, engine_error, json_response, parse_json, read_body, text_response, ApiError, Body};
+use super::openai::{ChatRequest, CompletionRequest, Endpoint, Prompt, Reply, Sampling};
+use super::registry::{PolicyRecord, RegistryError, TenantRecord};
+use super::App;
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::{header, Method, Request, Response, StatusCode};
+use kframe_engine::{EngineError, Event, Submit};
+use kframe_model::generate::SamplingParams;
+use kframe_policy::PolicyKind;
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let resp = match route(&app, req).await {
+        Ok(resp) => resp,
+        Err(e) => e.response(),
+    };
+    app.count_response(resp.status().as_u16());
+    resp
+}
+
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let method = req.method().clone();
+    if app.draining() && segments.first() != Some(&"health") {
+        return Err(ApiError::unavailable("the server is shutting down"));
+    }
+    match (method, segments.as_slice()) {
+        (Method::GET, ["health"]) => Ok(health(app)),
+        (Method::GET, ["metrics"]) => Ok(metrics(app)),
+        (Method::GET, ["v1", "models"]) => {
+            tenant_or_admin(app, &req)?;
+            Ok(models(app))
+        }
+        (Method::POST, ["v1", "completions"]) => generate(app, req, Endpoint::Completions).await,
+        (Method::POST, ["v1", "chat", "completions"]) => generate(app, req, Endpoint::Chat).await,
+        (Method::POST, ["v1", "sessions"]) => new_session(app, &req),
+        (Method::DELETE, ["v1", "sessions", id]) => end_session(app, &req, id),
+        (Method::POST, ["admin", "tenants"]) => create_tenant(app, req).await,
+        (Method::GET, ["admin", "tenants"]) => {
+            admin(app, &req)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"tenants": app.registry.list().iter().map(public).collect::<Vec<_>>()}),
+            ))
+        }
+        (Method::DELETE, ["admin", "tenants", name]) => delete_tenant(app, &req, name).await,
+        (Method::POST, ["admin", "tenants", name, "rekey"]) => rekey(app, &req, name).await,
+        (Method::GET, ["admin", "policies"]) => {
+            admin(app, &req)?;
+            Ok(policies(app))
+        }
+        (Method::PUT, ["admin", "policies", kind]) => put_policy(app, req, kind).await,
+        (Method::DELETE, ["admin", "policies", kind]) => clear_policy(app, &req, kind),
+        (Method::POST, ["admin", "prefixes"]) => register_prefix(app, req).await,
+        (Method::GET, ["admin", "isolation-events"]) => isolation_events(app, &req),
+        (_, ["health" | "metrics"] | ["v1", "models" | "completions" | "sessions"] | ["v1", "chat", "completions"])
+        | (_, ["v1", "sessions", _] | ["admin", "tenants" | "policies" | "prefixes" | "isolation-events"])
+        | (_, ["admin", "tenants" | "policies", _] | ["admin", "tenants", _, "rekey"]) => {
+            Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method not allowed here"))
+        }
+        _ => Err(ApiError::not_found(format!("no route {path}"))),
+    }
+}
+
+fn health(app: &App) -> Response<Body> {
+    if app.draining() {
+        return json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "draining"}));
+    }
+    json_response(StatusCode::OK, &json!({"status": "ok", "model": app.model_id, "tenants": app.registry.len()}))
+}
+
+/// Prometheus text format: the engine's metrics, tenants, responses by status.
+fn metrics(app: &App) -> Response<Body> {
+    use std::fmt::Write;
+    let engine = app.engine.metrics();
+    let by_tenant: Vec<(String, f64)> =
+        engine.cache_bytes_by_tenant.iter().map(|(t, b)| (format!("{{tenant=\"{t}\"}}"), *b as f64)).collect();
+    let snapshot = serde_json::to_value(engine).expect("metrics serialize");
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP kframe_{name} {help}\n# TYPE kframe_{name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "kframe_{name}{labels} {v}");
+        }
+    };
+    metric("tenants", "gauge", "Registered tenants.", &[(String::new(), app.registry.len() as f64)]);
+    let sessions = app.sessions.lock().expect("session lock").len();
+    metric("sessions", "gauge", "Open sessions.", &[(String::new(), sessions as f64)]);
+    let by_status: Vec<(String, f64)> = app
+        .responses
+        .lock()
+        .expect("response counter lock")
+        .iter()
+        .map(|(s, n)| (format!("{{status=\"{s}\"}}"), *n as f64))
+        .collect();
+    metric("http_responses_total", "counter", "HTTP responses by status.", &by_status);
+    const COUNTERS: [&str; 12] = [
+        "decode_steps",
+        "tokens_generated",
+        "prompt_tokens_prefilled",
+        "prompt_tokens_cached",
+        "requests_finished",
+        "requests_failed",
+        "evictions",
+        "admissions_rejected",
+        "isolation_events",
+        "blocks_verified",
+        "pad_overflow",
+        "plugin_failures",
+    ];
+    metric("engine_tenant_cache_bytes", "gauge", "Cache bytes held per tenant id.", &by_tenant);
+    for (name, value) in snapshot.as_object().into_iter().flatten() {
+        let Some(v) = value.as_f64() else { continue };
+        if COUNTERS.contains(&name.as_str()) {
+            metric(&format!("engine_{name}_total"), "counter", "Engine counter.", &[(String::new(), v)]);
+        } else {
+            metric(&format!("engine_{name}"), "gauge", "Engine gauge.", &[(String::new(), v)]);
+        }
+    }
+    text_response(StatusCode::OK, "text/plain; version=0.0.4", out)
+}
+
+fn models(app: &App) -> Response<Body> {
+    json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": [{"id": app.model_id, "object": "model", "created": 0, "owned_by": "kframe"}]}),
+    )
+}
+
+fn tenant(app: &App, req: &Request<Incoming>) -> Result<TenantRecord, ApiError> {
+    bearer(req).and_then(|key| app.registry.authenticate(key)).ok_or_else(ApiError::unauthorized)
+}
+
+fn admin(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    match bearer(req) {
+        Some(token) if app.is_admin(token) => Ok(()),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+fn tenant_or_admin(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    admin(app, req).or_else(|_| tenant(app, req).map(|_| ()))
+}
+
+fn public(t: &TenantRecord) -> serde_json::Value {
+    json!({"id": t.id, "name": t.name, "epoch": t.epoch, "tier": t.tier, "created": t.created_unix})
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::Exists(_) => ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string()),
+        RegistryError::NotFound(_) => ApiError::not_found(e.to_string()),
+        RegistryError::InvalidName(_) => ApiError::bad_request(e.to_string()),
+        RegistryError::Storage { .. } => ApiError::internal(e.to_string()),
+    }
+}
+
+fn random_id(prefix: &str) -> String {
+    super::registry::random_token(prefix)[..prefix.len() + 24].to_owned()
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+// ---- tenants' endpoints ----
+
+fn new_session(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let t = tenant(app, req)?;
+    let mut sessions = app.sessions.lock().expect("session lock");
+    if sessions.values().filter(|&&owner| owner == t.id).count() >= app.limits.max_sessions_per_tenant {
+        let msg = format!("at most {} open sessions per tenant; delete one first", app.limits.max_sessions_per_tenant);
+        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "invalid_request_error", msg));
+    }
+    let id = random_id("sess-");
+    sessions.insert(id.clone(), t.id);
+    Ok(json_response(StatusCode::CREATED, &json!({"id": id, "object": "session"})))
+}
+
+fn end_session(app: &App, req: &Request<Incoming>, id: &str) -> Result<Response<Body>, ApiError> {
+    let t = tenant(app, req)?;
+    let mut sessions = app.sessions.lock().expect("session lock");
+    match sessions.get(id) {
+        Some(&owner) if owner == t.id => {
+            sessions.remove(id);
+            Ok(json_response(StatusCode::OK, &json!({"id": id, "deleted": true})))
+        }
+        _ => Err(unknown_session(id)),
+    }
+}
+
+/// The same answer for a session that never existed and for another tenant's,
+/// so that one tenant cannot learn which session ids another holds.
+fn unknown_session(id: &str) -> ApiError {
+    ApiError::not_found(format!("no session `{id}`")).with_code("session_not_found")
+}
+
+/// What a validated request turns into.
+struct Job {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    stops: Vec<String>,
+    stream: bool,
+    session: Option<String>,
+}
+
+fn job(app: &App, prompt: Vec<u32>, s: Sampling, default_max: usize) -> Result<Job, ApiError> {
+    if let Some(model) = &s.model {
+        if model != &app.model_id {
+            let msg = format!("model `{model}` is not served here; this server serves `{}`", app.model_id);
+            return Err(ApiError::not_found(msg).with_code("model_not_found"));
+        }
+    }
+    if s.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_request("n must be 1"));
+    }
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty"));
+    }
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= app.vocab_size) {
+        return Err(ApiError::bad_request(format!("token id {id} is outside the vocabulary ({})", app.vocab_size)));
+    }
+    let window = app.context_window.min(app.limits.max_prompt_tokens + 1);
+    if prompt.len() >= window {
+        let msg = format!("the prompt has {} tokens; the limit is {}", prompt.len(), window - 1);
+        return Err(ApiError::bad_request(msg).with_code("context_length_exceeded"));
+    }
+    let max_tokens = match s.max_completion_tokens.or(s.max_tokens) {
+        Some(0) => return Err(ApiError::bad_request("max_tokens must be at least 1")),
+        Some(n) if n > app.limits.max_tokens as u64 => {
+            return Err(ApiError::bad_request(format!("max_tokens is at most {}", app.limits.max_tokens)))
+        }
+        Some(n) => n as usize,
+        None => default_max.min(app.limits.max_tokens),
+    };
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad_request("temperature must be between 0 and 2"));
+    }
+    if let Some(p) = s.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::bad_request("top_p must be in (0, 1]"));
+        }
+    }
+    let stops = s.stop.map(|s| s.into_vec()).unwrap_or_default();
+    if stops.len() > 4 || stops.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(ApiError::bad_request("stop takes up to 4 non-empty strings of at most 256 bytes"));
+    }
+    let params = SamplingParams { max_tokens, temperature, top_p: s.top_p, seed: s.seed.unwrap_or(0) };
+    Ok(Job { prompt, params, stops, stream: s.stream, session: s.session })
+}
+
+fn encode(app: &App, text: &str) -> Result<Vec<u32>, ApiError> {
+    let enc = app.tokenizer.encode(text, false).map_err(|e| ApiError::bad_request(format!("tokenizing: {e}")))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+async fn generate(app: &Arc<App>, req: Request<Incoming>, endpoint: Endpoint) -> Result<Response<Body>, ApiError> {
+    let record = tenant(app, &req)?;
+    let header_session = req
+        .headers()
+        .get("x-kframe-session")
+        .map(|v| v.to_str().map(str::to_owned).map_err(|_| ApiError::bad_request("X-Kframe-Session is not text")))
+        .transpose()?;
+    let body = read_body(req, app.limits.max_body_bytes, app.limits.body_timeout).await?;
+    let mut job = match endpoint {
+        Endpoint::Completions => {
+            let r: CompletionRequest = parse_json(&body)?;
+            let prompt = match r.prompt {
+                Prompt::Text(t) => encode(app, &t)?,
+                Prompt::Texts(v) if v.len() == 1 => encode(app, &v[0])?,
+                Prompt::Texts(_) => return Err(ApiError::bad_request("prompt: kframe takes one prompt per request")),
+                Prompt::Tokens(ids) => ids,
+            };
+            // OpenAI's default for completions.
+            job(app, prompt, r.sampling, 16)?
+        }
+        Endpoint::Chat => {
+            let r: ChatRequest = parse_json(&body)?;
+            if r.messages.is_empty() {
+                return Err(ApiError::bad_request("messages is empty"));
+            }
+            let messages = r
+                .messages
+                .iter()
+                .map(|m| m.content.text().map(|t| (m.role.clone(), t)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(ApiError::bad_request)?;
+            let text = app.template.render(&messages).map_err(ApiError::bad_request)?;
+            let prompt = encode(app, &text)?;
+            let room = app.context_window.saturating_sub(prompt.len());
+            job(app, prompt, r.sampling, room)?
+        }
+    };
+    if job.session.is_none() {
+        job.session = header_session;
+    }
+    if let Some(id) = &job.session {
+        let owner = app.sessions.lock().expect("session lock").get(id).copied();
+        if owner != Some(record.id) {
+            return Err(unknown_session(id));
+        }
+    }
+    let mut events = {
+        let _epoch = app.rekey.read().await;
+        // The record as of now: a re-key may have finished while the body arrived.
+        let record = app.registry.get(&record.name).ok_or_else(ApiError::unauthorized)?;
+        app.engine.submit(Submit {
+            tenant: record.tenant(),
+            session: job.session.clone(),
+            prompt: job.prompt.clone(),
+            params: job.params,
+        })
+    };
+    let id = random_id(if endpoint == Endpoint::Chat { "chatcmpl-" } else { "cmpl-" });
+    let created = now_unix();
+    let first = events.next().await.unwrap_or(Event::Failed(EngineError::ShutDown));
+    if let Event::Failed(e) = first {
+        return Err(engine_error(e));
+    }
+    let prompt_len = job.prompt.len();
+    if !job.stream {
+        let reply = Reply { endpoint, id: &id, created, model: &app.model_id, session: job.session.as_deref() };
+        let mut sink = JsonSink::default();
+        completion::fold(first, &mut events, job.stops, prompt_len, &mut sink).await;
+        drop(events);
+        return Ok(json_response(StatusCode::OK, &sink.body(&reply)?));
+    }
+    // Streaming: the status is sent now, so from here a failure ends the stream
+    // with an error event instead.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let (model, session) = (app.model_id.clone(), job.session.clone());
+    tokio::spawn(async move {
+        let reply = Reply { endpoint, id: &id, created, model: &model, session: session.as_deref() };
+        let mut sink = SseSink::new(tx, reply);
+        // Returning drops `events`: a client that left cancels the request.
+        completion::fold(first, &mut events, job.stops, prompt_len, &mut sink).await;
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::Stream(rx))
+        .expect("a valid response"))
+}
+
+// ---- admin endpoints ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenant {
+    name: String,
+    #[serde(default)]
+    tier: u8,
+}
+
+async fn create_tenant(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    admin(app, &req)?;
+    let body = read_body(req, app.limits.max_body_bytes, app.limits.body_timeout).await?;
+    let new: NewTenant = parse_json(&body)?;
+    let (record, key) = app.registry.create(&new.name, new.tier).map_err(registry_error)?;
+    let mut v = public(&record);
+    v["api_key"] = json!(key.as_str());
+    Ok(json_response(StatusCode::CREATED, &v))
+}
+
+/// Key-drop delete: the api key stops working at once (the registry forgets it
+/// before the engine is told), then every cache block of the tenant is zeroed
+/// and freed and its rotations forgotten.
+async fn delete_tenant(app: &Arc<App>, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, ApiError> {
+    admin(app, req)?;
+    let record = app.registry.delete(name).map_err(registry_error)?;
+    app.sessions.lock().expect("session lock").retain(|_, owner| *owner != record.id);
+    let removed = app.engine.drop_tenant(record.tenant()).await.map_err(engine_error)?;
+    Ok(json_response(StatusCode::OK, &json!({"name": name, "deleted": true, "sessions_removed": removed})))
+}
+
+/// Moves the tenant to its next key epoch; its cached sessions are re-rotated in
+/// place and keep working.
+async fn rekey(app: &Arc<App>, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, ApiError> {
+    admin(app, req)?;
+    let _exclusive = app.rekey.write().await;
+    let (before, after) = app.registry.bump_epoch(name).map_err(registry_error)?;
+    let rekeyed = app.engine.rekey(before.tenant(), after.epoch).await.map_err(engine_error)?;
+    Ok(json_response(StatusCode::OK, &json!({"name": name, "epoch": after.epoch, "sessions_rekeyed": rekeyed})))
+}
+
+fn policy_kind(kind: &str) -> Result<PolicyKind, ApiError> {
+    PolicyKind::ALL
+        .into_iter()
+        .find(|k| k.world().trim_end_matches("-policy") == kind)
+        .ok_or_else(|| ApiError::not_found(format!("no policy kind `{kind}`: use admission, eviction or depth-gate")))
+}
+
+fn policies(app: &App) -> Response<Body> {
+    let stats = app.engine.policies().stats();
+    let entry = |kind: PolicyKind, s: &kframe_policy::set::WorldStats| json!({"kind": kind.world().trim_end_matches("-policy"), "component": s.plugin, "calls": s.calls, "failures": s.failures});
+    json_response(
+        StatusCode::OK,
+        &json!({"policies": [
+            entry(PolicyKind::Admission, &stats.admission),
+            entry(PolicyKind::Eviction, &stats.eviction),
+            entry(PolicyKind::DepthGate, &stats.depth_gate),
+        ]}),
+    )
+}
+
+/// The body is the component's bytes; `?name=` names it and `?config=` is the
+/// string its `configure` receives. It is compiled and checked off the serving
+/// path and swapped in only if it loads; otherwise the current policy stays.
+async fn put_policy(app: &Arc<App>, req: Request<Incoming>, kind: &str) -> Result<Response<Body>, ApiError> {
+    admin(app, &req)?;
+    let kind = policy_kind(kind)?;
+    let param = |key: &str| query_param(&req, key);
+    let name = param("name").unwrap_or_else(|| kind.world().to_owned());
+    let config = param("config").unwrap_or_default();
+    // Components are larger than chat bodies.
+    let wasm = read_body(req, 64 << 20, app.limits.body_timeout).await?;
+    let policies = app.engine.policies().clone();
+    let (n, c, w) = (name.clone(), config.clone(), wasm.clone());
+    tokio::task::spawn_blocking(move || policies.swap(kind, &n, &w, &c))
+        .await
+        .map_err(|e| ApiError::internal(format!("loading the component: {e}")))?
+        .map_err(|e| ApiError::bad_request(format!("component refused: {e}")).with_code("invalid_component"))?;
+    let record = PolicyRecord { name: name.clone(), config, wasm: wasm.to_vec() };
+    app.registry.set_policy(kind, Some(&record)).map_err(registry_error)?;
+    Ok(json_response(StatusCode::OK, &json!({"kind": kind.world().trim_end_matches("-policy"), "component": name})))
+}
+
+fn clear_policy(app: &App, req: &Request<Incoming>, kind: &str) -> Result<Response<Body>, ApiError> {
+    admin(app, req)?;
+    let kind = policy_kind(kind)?;
+    app.engine.policies().clear(kind);
+    app.registry.set_policy(kind, None).map_err(registry_error)?;
+    Ok(json_response(StatusCode::OK, &json!({"kind": kind.world().trim_end_matches("-policy"), "component": null})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewPrefix {
+    text: String,
+}
+
+async fn register_prefix(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    admin(app, &req)?;
+    let body = read_body(req, app.limits.max_body_bytes, app.limits.body_timeout).await?;
+    let new: NewPrefix = parse_json(&body)?;
+    let tokens = encode(app, &new.text)?;
+    if tokens.is_empty() || tokens.len() >= app.context_window {
+        return Err(ApiError::bad_request("a prefix needs between 1 token and the context window"));
+    }
+    let info = app.engine.register_prefix(tokens).await.map_err(engine_error)?;
+    app.registry.add_prefix(&new.text).map_err(registry_error)?;
+    Ok(json_response(StatusCode::CREATED, &json!(info)))
+}
+
+/// The percent-decoded value of `?key=` in the request's query string.
+fn query_param<B>(req: &Request<B>, key: &str) -> Option<String> {
+    let query = req.uri().query()?;
+    query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| percent_decode(v))
+}
+
+/// The most recent isolation events, newest last; `?tenant=` keeps one tenant's
+/// and `?limit=` (default 100) the last so many.
+fn isolation_events(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    admin(app, req)?;
+    let limit = match query_param(req, "limit") {
+        None => 100,
+        Some(v) => v.parse::<usize>().map_err(|_| ApiError::bad_request(format!("limit={v:?} is not a count")))?,
+    };
+    let tenant = query_param(req, "tenant");
+    let events: Vec<_> =
+        app.engine.isolation_events().into_iter().filter(|e| tenant.as_ref().is_none_or(|t| &e.tenant == t)).collect();
+    let shown = &events[events.len().saturating_sub(limit)..];
+    Ok(json_response(StatusCode::OK, &json!({"events": shown, "total": app.engine.metrics().isolation_events})))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi << 4 | lo);
+                i += 2;
+            }
+            (b'+', _, _) => out.push(b' '),
+            (c, _, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
