@@ -11,7 +11,7 @@
 //!   holding the tenant's own secret; every response is checked for errors and
 //!   for any other tenant's secret.
 
-use super::serve::model_dir;
+use crate::serve::{drain, model_dir};
 use candle_core::{DType, Device};
 use kframe_core::keys::MasterSecret;
 use kframe_engine::{Engine, EngineConfig, Submit, Tenant};
@@ -116,7 +116,7 @@ pub fn http(opts: &HttpBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::
             .collect();
         let mut tokens = 0usize;
         for s in streams {
-            tokens += super::drain(s)?;
+            tokens += drain(s)?;
         }
         let secs = start.elapsed().as_secs_f64();
         engine.shutdown();

@@ -1,6 +1,18 @@
-//! `kframe bench rotation`: what a tenant's rotation costs a decode step.
-//! ([`serve`] holds `kframe bench serve`, [`http`] `kframe bench http`; `plugins`
-//! times the policy components.)
+//! kframe-bench: the benchmarks behind `kframe bench`, each a ratio measured
+//! within one run.
+//!
+//! # Layout
+//!
+//! - This file: `kframe bench rotation`, what a tenant's rotation costs a decode
+//!   step, and `kframe bench plugins`, what a policy component's decision costs.
+//! - [`serve`]: the serving engine (shared prefill, batched decode, memory per
+//!   tenant, policy share). [`http`]: the server over loopback, in a child process.
+//!
+//! # Dependencies
+//!
+//! Every kframe crate but eval and the binary: a leaf.
+//!
+//! # The rotation bench
 //!
 //! The model has the layer shape of Qwen2.5-3B (random weights, fewer layers, a
 //! smaller vocabulary): rotation costs O(heads * d^2) per layer against
@@ -309,19 +321,4 @@ impl PluginReport {
             self.admission_us_median
         )
     }
-}
-
-/// Reads one request's event stream to its end; the tokens it generated.
-fn drain(mut stream: kframe_engine::Stream) -> anyhow::Result<usize> {
-    use kframe_engine::Event;
-    let mut tokens = 0;
-    while let Some(ev) = stream.next_blocking() {
-        match ev {
-            Event::Token { .. } => tokens += 1,
-            Event::Text(_) => {}
-            Event::Done { .. } => break,
-            Event::Failed(e) => anyhow::bail!("bench request failed: {e}"),
-        }
-    }
-    Ok(tokens)
 }

@@ -183,7 +183,7 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
                 })
                 .collect();
             for s in streams {
-                tokens += super::drain(s)?;
+                tokens += drain(s)?;
             }
         }
         let secs = start.elapsed().as_secs_f64();
@@ -355,4 +355,19 @@ impl ServeReport {
             self.verify_all_overhead * 100.0,
         )
     }
+}
+
+/// Reads one request's event stream to its end; the tokens it generated.
+pub(crate) fn drain(mut stream: kframe_engine::Stream) -> anyhow::Result<usize> {
+    use kframe_engine::Event;
+    let mut tokens = 0;
+    while let Some(ev) = stream.next_blocking() {
+        match ev {
+            Event::Token { .. } => tokens += 1,
+            Event::Text(_) => {}
+            Event::Done { .. } => break,
+            Event::Failed(e) => anyhow::bail!("bench request failed: {e}"),
+        }
+    }
+    Ok(tokens)
 }

@@ -4,11 +4,11 @@
 //! reserved and the admission policy asked; then it starts running, waits in the
 //! queue, or is turned away.
 
+use crate::api::{EngineError, Event, PrefixMode, Usage};
 use crate::isolation::IsolationReport;
 use crate::metrics::Metrics;
 use crate::sessions::{Checkout, SessionKey};
 use crate::state::{Pending, Seq, State};
-use crate::{EngineError, Event, PrefixMode, Usage};
 use kframe_core::cache::{KvCache, SharedPrefix};
 use kframe_model::generate::{sampler, TextStream};
 use kframe_policy::{Admission, Load, ModelShape, Request};
@@ -35,24 +35,6 @@ impl State {
             Metrics::add(&self.metrics.admissions_rejected, 1);
         }
         let _ = p.tx.send(Event::Failed(err));
-    }
-
-    pub(crate) fn validate(&self, prompt: &[u32]) -> Result<(), EngineError> {
-        let cfg = self.gen.model.config();
-        if prompt.is_empty() {
-            return Err(EngineError::Invalid("the prompt is empty".into()));
-        }
-        if let Some(id) = prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(EngineError::Invalid(format!("token id {id} is outside the vocabulary ({})", cfg.vocab_size)));
-        }
-        if prompt.len() >= cfg.max_position_embeddings {
-            return Err(EngineError::Invalid(format!(
-                "a prompt of {} tokens leaves no room in the context window of {}",
-                prompt.len(),
-                cfg.max_position_embeddings
-            )));
-        }
-        Ok(())
     }
 
     /// Decides a request. Returns it back if it must wait.

@@ -1,7 +1,5 @@
-//! The byte ledger: cache bytes allocated in all and per tenant, against the
-//! engine's budget, and making room by eviction.
+//! The byte ledger: cache bytes allocated in all and per tenant.
 
-use crate::state::State;
 use std::collections::HashMap;
 
 /// Cache bytes the engine holds.
@@ -25,22 +23,5 @@ impl Ledger {
         if *t == 0 {
             self.tenant_bytes.remove(&tenant);
         }
-    }
-}
-
-impl State {
-    /// Evicts idle sessions until `needed` more bytes fit in the budget. False if
-    /// they cannot.
-    pub(crate) fn make_room(&mut self, needed: u64) -> bool {
-        let budget = self.cfg.kv_budget;
-        if self.ledger.used + needed <= budget {
-            return true;
-        }
-        self.refresh_prefix_pins();
-        let victims = self.policies.victims(self.ledger.used + needed - budget, self.now).value;
-        for id in victims {
-            self.remove_session(id, true);
-        }
-        self.ledger.used + needed <= budget
     }
 }

@@ -1,7 +1,6 @@
 //! Counters the engine keeps for the HTTP layer's /metrics: written by the
 //! worker, read by anyone.
 
-use crate::state::State;
 use kframe_core::integrity::IsolationEvent;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -131,24 +130,5 @@ impl Metrics {
 
     pub(super) fn set(counter: &AtomicU64, n: u64) {
         counter.store(n, Relaxed);
-    }
-}
-
-impl State {
-    pub(crate) fn publish(&self) {
-        let m = &self.metrics;
-        Metrics::set(&m.sequences, self.active.len() as u64);
-        Metrics::set(&m.queued, self.waiting.len() as u64);
-        Metrics::set(&m.cache_bytes, self.ledger.used);
-        let mut tenants: Vec<u64> = self.active.iter().map(|s| s.tenant.id).collect();
-        tenants.sort_unstable();
-        tenants.dedup();
-        Metrics::set(&m.active_tenants, tenants.len() as u64);
-        let mut by_tenant = m.tenant_bytes.lock().expect("metrics lock");
-        if by_tenant.len() != self.ledger.tenant_bytes.len()
-            || self.ledger.tenant_bytes.iter().any(|(t, b)| by_tenant.get(t) != Some(b))
-        {
-            *by_tenant = self.ledger.tenant_bytes.iter().map(|(&t, &b)| (t, b)).collect();
-        }
     }
 }

@@ -1,7 +1,7 @@
 //! Scheduling: which sequences run in the next step, with which tokens. The
 //! scheduler decides and touches no tensor; [`crate::execute`] runs what it chose.
 
-use crate::state::{Finish, State};
+use crate::state::State;
 
 /// One sequence's share of a step.
 pub(crate) struct Work {
@@ -37,18 +37,5 @@ impl State {
             }
         }
         work
-    }
-
-    /// Ends the sequences whose callers went away (dropping a stream cancels).
-    pub(crate) fn drop_cancelled(&mut self) {
-        let mut i = 0;
-        while i < self.active.len() {
-            if self.active[i].tx.is_closed() {
-                let seq = self.active.swap_remove(i);
-                self.finish(seq, Finish::Cancelled);
-            } else {
-                i += 1;
-            }
-        }
     }
 }

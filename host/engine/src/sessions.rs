@@ -7,13 +7,9 @@
 //! eviction entry pinned); the tokens the cache holds travel with it, so the next
 //! request reuses the longest matching prefix.
 
-use crate::metrics::Metrics;
-use crate::prefixes::PREFIX_ENTRY;
-use crate::state::State;
 use kframe_core::cache::KvCache;
 use rand::RngCore;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 pub type SessionKey = [u8; 32];
 
@@ -130,38 +126,5 @@ impl Sessions {
 
     pub fn get_mut(&mut self, entry: u64) -> Option<&mut Stored> {
         self.by_entry.get(&entry).and_then(|k| self.map.get_mut(k))
-    }
-}
-
-impl State {
-    /// Removes an idle session: evicted for room, or deleted with its tenant.
-    pub(crate) fn remove_session(&mut self, entry: u64, evicted: bool) {
-        if entry >= PREFIX_ENTRY {
-            // Only eviction removes a prefix, and only one nothing uses.
-            let Some(p) = self.prefixes.iter_mut().find(|p| p.entry == entry) else { return };
-            if let Some(shared) = p.shared.take() {
-                if Arc::strong_count(&shared) > 1 {
-                    p.shared = Some(shared); // in use after all: keep it
-                    return;
-                }
-                self.ledger.used -= p.bytes;
-                Metrics::add(&self.metrics.evictions, 1);
-                tracing::debug!(entry, bytes = p.bytes, "shared prefix evicted");
-                // Dropping `shared` zeroes the prefix's rows.
-            }
-            self.policies.on_remove(entry);
-            return;
-        }
-        if let Some(s) = self.sessions.remove(entry) {
-            if s.cache.is_some() {
-                self.ledger.charge(s.tenant, -(s.bytes as i64));
-                if evicted {
-                    Metrics::add(&self.metrics.evictions, 1);
-                    tracing::debug!(entry, tenant = s.tenant, bytes = s.bytes, "session evicted");
-                }
-            }
-            // Dropping `s` zeroes its cache.
-        }
-        self.policies.on_remove(entry);
     }
 }

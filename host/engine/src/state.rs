@@ -1,14 +1,14 @@
-//! The engine's state and its loop. One thread owns the model, the keyring, every
-//! cache and the ledger; each turn it takes new commands, admits what it can, then
-//! runs one step: [`State::schedule`] picks what runs, [`State::execute`] runs one
-//! forward pass over it, [`State::update`] samples, streams and finishes.
+//! The engine thread's state: the model, the keyring, every running sequence and
+//! cached session, the ledger and the registered prefixes; and what every part of
+//! the engine asks of it (prompt validation, the storage dtype, publishing the
+//! metrics). The operations on it live in the files named for their job.
 
+use crate::api::{EngineConfig, EngineError, Event, Submit, Tenant, Usage};
 use crate::isolation::IsolationReport;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::prefixes::PrefixSlot;
 use crate::sessions::{SessionKey, Sessions};
-use crate::{Command, EngineConfig, EngineError, Event, Submit, Tenant, Usage};
 use candle_transformers::generation::LogitsProcessor;
 use kframe_core::cache::{CacheShape, KvCache, KvPrecision};
 use kframe_core::integrity::TagKey;
@@ -19,7 +19,7 @@ use kframe_model::ModelBundle;
 use kframe_policy::PolicySet;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::mpsc;
 
 pub(crate) struct Pending {
@@ -116,71 +116,7 @@ impl State {
         }
     }
 
-    pub(crate) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        loop {
-            if self.active.is_empty() && self.waiting.is_empty() {
-                let keep_going = rx.blocking_recv().is_some_and(|cmd| self.command(cmd));
-                if !keep_going {
-                    return self.shutdown();
-                }
-            }
-            while let Ok(cmd) = rx.try_recv() {
-                if !self.command(cmd) {
-                    return self.shutdown();
-                }
-            }
-            self.retry_waiting();
-            self.drop_cancelled();
-            let worked = self.step();
-            self.publish();
-            if !worked && !self.waiting.is_empty() {
-                // Only queued requests, none admissible yet: wait for a change.
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-    }
-
-    /// One step: schedule, one forward pass, update. False if nothing ran.
-    fn step(&mut self) -> bool {
-        let work = self.schedule();
-        if work.is_empty() {
-            return false;
-        }
-        let out = self.execute(&work);
-        self.update(work, out);
-        true
-    }
-
-    /// Handles one command; false to stop.
-    pub(crate) fn command(&mut self, cmd: Command) -> bool {
-        match cmd {
-            Command::Submit(req, tx) => {
-                let pending = Pending { req, tx, since: Instant::now() };
-                if let Some(p) = self.admit(pending, false) {
-                    if self.waiting.len() >= self.cfg.queue_limit as usize {
-                        self.reject(p, EngineError::QueueFull(self.waiting.len() as u32));
-                    } else {
-                        self.waiting.push_back(p);
-                    }
-                }
-                true
-            }
-            Command::DropTenant(tenant, reply) => {
-                let _ = reply.send(self.drop_tenant(&tenant));
-                true
-            }
-            Command::RegisterPrefix(tokens, reply) => {
-                let _ = reply.send(self.register_prefix(tokens));
-                true
-            }
-            Command::Rekey(tenant, epoch, reply) => {
-                let _ = reply.send(self.rekey(&tenant, epoch));
-                true
-            }
-            Command::Shutdown => false,
-        }
-    }
-
+    /// The dtype caches store rotated values in.
     pub(crate) fn store_dtype(&self) -> candle_core::DType {
         match self.cfg.precision {
             KvPrecision::Native => self.gen.model.dtype(),
@@ -188,12 +124,38 @@ impl State {
         }
     }
 
-    pub(crate) fn shutdown(mut self) {
-        for p in std::mem::take(&mut self.waiting) {
-            let _ = p.tx.send(Event::Failed(EngineError::ShutDown));
+    pub(crate) fn validate(&self, prompt: &[u32]) -> Result<(), EngineError> {
+        let cfg = self.gen.model.config();
+        if prompt.is_empty() {
+            return Err(EngineError::Invalid("the prompt is empty".into()));
         }
-        for seq in std::mem::take(&mut self.active) {
-            let _ = seq.tx.send(Event::Failed(EngineError::ShutDown));
+        if let Some(id) = prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(EngineError::Invalid(format!("token id {id} is outside the vocabulary ({})", cfg.vocab_size)));
+        }
+        if prompt.len() >= cfg.max_position_embeddings {
+            return Err(EngineError::Invalid(format!(
+                "a prompt of {} tokens leaves no room in the context window of {}",
+                prompt.len(),
+                cfg.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn publish(&self) {
+        let m = &self.metrics;
+        Metrics::set(&m.sequences, self.active.len() as u64);
+        Metrics::set(&m.queued, self.waiting.len() as u64);
+        Metrics::set(&m.cache_bytes, self.ledger.used);
+        let mut tenants: Vec<u64> = self.active.iter().map(|s| s.tenant.id).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        Metrics::set(&m.active_tenants, tenants.len() as u64);
+        let mut by_tenant = m.tenant_bytes.lock().expect("metrics lock");
+        if by_tenant.len() != self.ledger.tenant_bytes.len()
+            || self.ledger.tenant_bytes.iter().any(|(t, b)| by_tenant.get(t) != Some(b))
+        {
+            *by_tenant = self.ledger.tenant_bytes.iter().map(|(&t, &b)| (t, b)).collect();
         }
     }
 }

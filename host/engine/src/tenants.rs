@@ -2,8 +2,8 @@
 //! and freed, the rotations forgotten) and re-key (every cache moved to the new
 //! epoch's frame in place).
 
+use crate::api::{EngineError, Event, Tenant};
 use crate::state::{Finish, State};
-use crate::{EngineError, Event, Tenant};
 use kframe_core::layout::Layout;
 use kframe_core::rotation::Frame;
 

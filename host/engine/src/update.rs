@@ -2,10 +2,10 @@
 //! advanced, its next token sampled and streamed; finished sequences checked in to
 //! their sessions (or dropped, zeroed) and their callers told.
 
+use crate::api::{EngineError, Event};
 use crate::metrics::Metrics;
 use crate::schedule::Work;
 use crate::state::{Finish, Seq, State};
-use crate::{EngineError, Event};
 use candle_core::Tensor;
 use kframe_model::generate::FinishReason;
 use kframe_model::qwen2::Stepped;
@@ -48,6 +48,19 @@ impl Seq {
 }
 
 impl State {
+    /// Ends the sequences whose callers went away (dropping a stream cancels).
+    pub(crate) fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].tx.is_closed() {
+                let seq = self.active.swap_remove(i);
+                self.finish(seq, Finish::Cancelled);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     /// Folds a step's outcome back into its sequences: findings, contexts, the
     /// next token of every sequence that has logits, and the finished ones.
     pub(crate) fn update(&mut self, work: Vec<Work>, out: kframe_model::Result<Stepped>) {

@@ -486,7 +486,7 @@ pub fn run(lab: &Lab, opts: &AttackOptions, mut progress: impl FnMut(&str)) -> R
     }
     if lab.has_padding() {
         progress("measuring what padding costs");
-        report.padding = Some(super::padcost::measure(lab, &padded)?);
+        report.padding = Some(super::padcost::measure(lab, padded.iter().map(|s| s.overflow).sum())?);
     }
     Ok(report)
 }

@@ -17,7 +17,8 @@ pub struct MatchedReport {
     pub tenants: usize,
     pub pass_clean: usize,
     /// PASS-CLEAN with "recalled" read as "recalls exactly when the unrotated run
-    /// does" (DESIGN.md's wording): the rotation's share of the failures alone.
+    /// does" (recall equal to the unrotated reference's): the rotation's share of
+    /// the failures alone.
     pub pass_clean_vs_identity: usize,
     pub bit_exact: usize,
     pub identical_to_identity: usize,

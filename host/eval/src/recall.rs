@@ -123,7 +123,7 @@ pub fn recall(
         matched_recall: matched as f64 / n,
         identity_recall: identity as f64 / n,
         wrong_key_recall: wrong_key as f64 / n,
-        wrong_key_upper95: super::upper95(wrong_key, opts.tenants),
+        wrong_key_upper95: crate::stats::upper95(wrong_key, opts.tenants),
         no_context_recall: no_context as f64 / n,
     })
 }

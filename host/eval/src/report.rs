@@ -1,8 +1,41 @@
 //! report.md and the figures, from a [`Report`].
 
+use super::attack::AttackReport;
+use super::matched::MatchedReport;
 use super::plot;
-use super::suite::Report;
+use super::readout::ReadoutReport;
+use super::wrong_key::{SpotCheckReport, WrongKeyReport};
 use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+
+/// Everything `report.json` holds. Sections not run are absent.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub schema: u32,
+    pub model: String,
+    pub machine: String,
+    pub seed: u64,
+    pub tenants: usize,
+    pub records: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub prefix_tokens: usize,
+    /// Wall-clock seconds per experiment.
+    pub seconds: BTreeMap<String, f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matched: Option<MatchedReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wrong_key: Option<WrongKeyReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readout: Option<ReadoutReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spot_check: Option<SpotCheckReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attack: Option<AttackReport>,
+    /// Figure files, relative to the report.
+    pub figures: Vec<String>,
+}
 use std::fmt::Write;
 use std::path::Path;
 

@@ -86,6 +86,20 @@ pub fn sphere_cdf(d: usize) -> impl Fn(f64) -> f64 {
     move |x| b.cdf(((1.0 + x) / 2.0).clamp(0.0, 1.0))
 }
 
+/// The rule-of-three 95% upper bound on a rate when `hits` of `n` trials
+/// succeeded: 3/n for zero hits, else the normal approximation (Wilson's would be
+/// tighter; this one errs high).
+pub fn upper95(hits: usize, n: usize) -> f64 {
+    if n == 0 {
+        return 1.0;
+    }
+    if hits == 0 {
+        return (3.0 / n as f64).min(1.0);
+    }
+    let p = hits as f64 / n as f64;
+    (p + 1.96 * (p * (1.0 - p) / n as f64).sqrt()).min(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,12 +1,13 @@
 //! Runs the chosen experiments of `kframe eval` on one [`Lab`] and writes
 //! DIR/report.json, DIR/report.md and the figures.
 
-use super::attack::{self, AttackOptions, AttackReport};
+use super::attack::{self, AttackOptions};
 use super::lab::Lab;
-use super::matched::{self, MatchedReport};
-use super::readout::{self, ReadoutPair, ReadoutReport};
+use super::matched;
+use super::readout::{self, ReadoutPair};
 use super::report;
-use super::wrong_key::{self, SpotCheckReport, WrongKeyReport};
+pub use super::report::Report;
+use super::wrong_key;
 use crate::error::{Error, Result};
 use kframe_model::ModelBundle;
 use std::collections::BTreeMap;
@@ -36,35 +37,6 @@ pub struct EvalOptions {
     pub attack: AttackOptions,
     /// Norm padding for the attack's padded runs; None: no padded runs.
     pub padding: Option<kframe_core::layout::Padding>,
-}
-
-/// Everything `report.json` holds. Sections not run are absent.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Report {
-    pub schema: u32,
-    pub model: String,
-    pub machine: String,
-    pub seed: u64,
-    pub tenants: usize,
-    pub records: usize,
-    pub head_dim: usize,
-    pub layers: usize,
-    pub kv_heads: usize,
-    pub prefix_tokens: usize,
-    /// Wall-clock seconds per experiment.
-    pub seconds: BTreeMap<String, f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub matched: Option<MatchedReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub wrong_key: Option<WrongKeyReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub readout: Option<ReadoutReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub spot_check: Option<SpotCheckReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub attack: Option<AttackReport>,
-    /// Figure files, relative to the report.
-    pub figures: Vec<String>,
 }
 
 /// The pre-registered spot-check list, written by `readout`.

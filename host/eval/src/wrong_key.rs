@@ -95,7 +95,7 @@ pub fn run(lab: &Lab, matched: &[Vec<u32>], mut progress: impl FnMut(usize)) -> 
         by_tenants.push(GroupReport {
             tenants: n,
             recovered: hits,
-            upper95: super::upper95(hits, n),
+            upper95: crate::stats::upper95(hits, n),
             no_context_recovered: baseline[..n].iter().filter(|&&r| r).count(),
             bleed,
         });
@@ -120,7 +120,7 @@ pub fn spot_check(lab: &Lab, pairs: &[(usize, usize)], source: &str) -> Result<S
     Ok(SpotCheckReport {
         pairs: pairs.len(),
         recovered: hits,
-        upper95: super::upper95(hits, pairs.len()),
+        upper95: crate::stats::upper95(hits, pairs.len()),
         source: source.to_owned(),
     })
 }

@@ -1,11 +1,14 @@
 //! `kframe`: one shared Qwen2 model, a private attention frame per tenant.
 //!
 //! The binary is the command line over the library crates: [`args`] declares it,
-//! and `commands/` holds one file per command. Which crate does what is in the
+//! `commands/` holds one file per command, [`model`] loads the model a command
+//! names and [`report`] prints what it measured. Which crate does what is in the
 //! workspace README's layout section.
 
 mod args;
 mod commands;
+mod model;
+mod report;
 
 use clap::Parser;
 

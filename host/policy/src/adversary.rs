@@ -8,10 +8,10 @@
 //! [`PluginError`], and the harness reports it and goes on.
 
 use crate::bindings::{known_pairs, model_oracle, probe_types};
+use crate::error::{Failure, PluginError};
 use crate::runtime::{Loaded, PluginRuntime};
 use crate::sandbox::Sandbox;
 use crate::world::AdversaryWorld;
-use crate::{Failure, PluginError};
 use std::sync::Arc;
 
 pub use crate::sandbox::{Grants, Oracle};

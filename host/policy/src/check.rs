@@ -3,9 +3,10 @@
 
 use crate::adversary::{Adversary, Capability};
 use crate::bindings::types::{Load, ModelShape, Request};
+use crate::error::PluginError;
+use crate::kind::{PolicyKind, WorldKind};
 use crate::runtime::PluginRuntime;
 use crate::world::{AdmissionWorld, DepthGateWorld, EvictionWorld};
-use crate::{PluginError, PolicyKind, WorldKind};
 use std::sync::Arc;
 
 /// [`PluginRuntime::check`], then instantiates the component, runs its

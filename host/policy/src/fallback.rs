@@ -2,7 +2,7 @@
 //! has room, evict least recently used (`kframe_entries::EntryTable::lru_victims`),
 //! verify every layer.
 
-use crate::{Admission, LayerGate, Load, ModelShape, Request};
+use crate::bindings::types::{Admission, LayerGate, Load, ModelShape, Request};
 
 /// Admit while the budget has room, queue while the queue does, else reject.
 pub fn admit(req: &Request, load: &Load) -> Admission {

@@ -1,9 +1,10 @@
 //! The wasmtime side of plugins: one engine, the sandbox every instance runs in,
 //! compiling and identifying components, and running calls under limits.
 
+use crate::error::{Failure, PluginError};
+use crate::kind::{PolicyKind, WorldKind};
 use crate::sandbox::Sandbox;
 use crate::world::{self, World};
-use crate::{Failure, PluginError, PolicyKind, WorldKind};
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::component::{Component, Linker};

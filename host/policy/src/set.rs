@@ -1,12 +1,14 @@
 //! The live policies of a server: one optional plugin per world, the native
 //! fallback behind each, atomic swaps, and counts of what decided.
 
+use crate::bindings::types::{Admission, Entry, LayerGate, Load, ModelShape, Request};
 use crate::bindings::EvictionPolicy;
+use crate::error::PluginError;
 use crate::fallback;
+use crate::kind::PolicyKind;
 use crate::runtime::{Loaded, PluginRuntime};
 use crate::sandbox::Sandbox;
 use crate::world::{AdmissionWorld, DepthGateWorld, EvictionWorld, World};
-use crate::{Admission, Entry, LayerGate, Load, ModelShape, PluginError, PolicyKind, Request};
 use kframe_entries::EntryTable;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};

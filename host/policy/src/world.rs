@@ -5,8 +5,8 @@ use crate::bindings::{
     AdmissionPolicy, AdmissionPolicyPre, AdversaryBindings, AdversaryPre, DepthGatePolicy, DepthGatePolicyPre,
     EvictionPolicy, EvictionPolicyPre,
 };
+use crate::kind::{PolicyKind, WorldKind};
 use crate::sandbox::Sandbox;
-use crate::{PolicyKind, WorldKind};
 use wasmtime::component::InstancePre;
 use wasmtime::Store;
 

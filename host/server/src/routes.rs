@@ -1,11 +1,11 @@
 //! One function per endpoint. `handle` routes, counts the response and turns
 //! every error into its OpenAI-style JSON; nothing here panics on client input.
 
-use super::completion::{self, JsonSink, SseSink};
-use super::http::{bearer, engine_error, json_response, parse_json, read_body, text_response, ApiError, Body};
-use super::openai::{ChatRequest, CompletionRequest, Endpoint, Prompt, Reply, Sampling};
-use super::registry::{PolicyRecord, RegistryError, TenantRecord};
-use super::App;
+use crate::app::App;
+use crate::completion::{self, JsonSink, SseSink};
+use crate::http::{bearer, engine_error, json_response, parse_json, read_body, text_response, ApiError, Body};
+use crate::openai::{ChatRequest, CompletionRequest, Endpoint, Prompt, Reply, Sampling};
+use crate::registry::{PolicyRecord, RegistryError, TenantRecord};
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{header, Method, Request, Response, StatusCode};
@@ -164,7 +164,7 @@ fn registry_error(e: RegistryError) -> ApiError {
 }
 
 fn random_id(prefix: &str) -> String {
-    super::registry::random_token(prefix)[..prefix.len() + 24].to_owned()
+    crate::registry::random_token(prefix)[..prefix.len() + 24].to_owned()
 }
 
 fn now_unix() -> u64 {

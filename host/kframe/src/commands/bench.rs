@@ -1,7 +1,7 @@
 //! `kframe bench`: costs, as ratios measured within one run.
 
-use super::print_report;
 use crate::args::BenchCommand;
+use crate::report::print_report;
 use kframe_bench::{self as bench, RotationBenchOptions};
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {

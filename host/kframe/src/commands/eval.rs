@@ -1,7 +1,8 @@
 //! `kframe eval`: measured isolation claims, with progress on stderr.
 
-use super::{load, print_report};
 use crate::args::{experiment, EvalCommand, SuiteArgs};
+use crate::model::load;
+use crate::report::print_report;
 use kframe_core::keys::MasterSecret;
 use kframe_core::layout::Padding;
 use kframe_core::rotation::Keyring;

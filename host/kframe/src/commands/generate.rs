@@ -1,8 +1,8 @@
 //! `kframe generate`: one completion, streamed to stdout, in a tenant's frame or
 //! the identity frame.
 
-use super::load;
 use crate::args::GenerateArgs;
+use crate::model::load;
 use kframe_core::keys::{self, MasterSecret};
 use kframe_core::rotation::{Frame, Keyring};
 use kframe_model::generate::SamplingParams;

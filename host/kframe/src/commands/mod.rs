@@ -9,10 +9,7 @@ mod plugin;
 mod serve;
 mod synth_model;
 
-use crate::args::{Cli, Command, ModelArgs};
-use kframe_model::device;
-use kframe_model::load::ModelDir;
-use kframe_model::ModelBundle;
+use crate::args::{Cli, Command};
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -25,24 +22,4 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Calibrate { model, margin, out } => calibrate::run(&model, margin, &out),
         Command::Corpus { seed, docs, recall } => corpus::run(seed, docs, recall),
     }
-}
-
-/// The model `--model`, `--device` and `--dtype` name: its directory and the
-/// loaded model with its tokenizer.
-fn load(args: &ModelArgs) -> anyhow::Result<(ModelDir, ModelBundle)> {
-    let device = device::select(args.device.into())?;
-    let dtype = device::dtype(args.dtype.into(), &device);
-    let dir = ModelDir::open_or_embedded(args.model.as_deref())?;
-    let bundle = ModelBundle::load(&dir, dtype, &device)?;
-    Ok((dir, bundle))
-}
-
-/// One JSON object with `--json`, else the report's text.
-fn print_report(report: &impl serde::Serialize, json: bool, text: String) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
-    } else {
-        print!("{text}");
-    }
-    Ok(())
 }

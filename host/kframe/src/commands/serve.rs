@@ -1,7 +1,7 @@
 //! `kframe serve`: the engine behind the OpenAI-compatible HTTP API, until SIGTERM.
 
-use super::load;
 use crate::args::ServeArgs;
+use crate::model::load;
 use kframe_core::keys::{self, MasterSecret};
 use kframe_core::layout::Padding;
 use kframe_engine::{Engine, EngineConfig};
