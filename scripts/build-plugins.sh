@@ -18,3 +18,6 @@ done
 # The examples are crates of their own, as a third party's would be.
 cargo build --quiet --release --target wasm32-wasip2 --manifest-path examples/fifo-eviction/Cargo.toml
 cargo build --quiet --release --target wasm32-wasip2 --manifest-path examples/most-frequent-probe/Cargo.toml
+# A policy built for a WIT version kframe does not load, for the tests that check
+# it is refused.
+cargo build --quiet --release --target wasm32-wasip2 --manifest-path host/policy/tests/fixtures/other-version/Cargo.toml

@@ -72,6 +72,8 @@ pub enum EngineError {
     TenantDeleted,
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("the prompt has {tokens} tokens; the limit is {limit}")]
+    PromptTooLong { tokens: usize, limit: usize },
     #[error("model error: {0}")]
     Model(String),
     #[error("the engine has shut down")]
@@ -126,6 +128,9 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Requests the admission policy may queue.
     pub queue_limit: u32,
+    /// The longest prompt admitted (the context window, less one token for the
+    /// answer, is the limit in any case).
+    pub max_prompt_tokens: usize,
     /// Tenants whose rotations stay derived when not in use.
     pub keyring_capacity: usize,
     /// Norm padding for the layers the depth-gate policy pads; None: no layer is
@@ -143,6 +148,7 @@ impl Default for EngineConfig {
             max_batch: 64,
             prefill_chunk: 512,
             queue_limit: 256,
+            max_prompt_tokens: usize::MAX,
             keyring_capacity: 256,
             padding: None,
         }

@@ -124,22 +124,16 @@ impl State {
         }
     }
 
+    /// The engine's door, the one place a prompt is validated: it must leave room
+    /// for a generated token and be within `max_prompt_tokens`, and the model must
+    /// take it (`Qwen2::check_input`: not empty, every id in the vocabulary).
     pub(crate) fn validate(&self, prompt: &[u32]) -> Result<(), EngineError> {
-        let cfg = self.gen.model.config();
-        if prompt.is_empty() {
-            return Err(EngineError::Invalid("the prompt is empty".into()));
+        let window = self.gen.model.config().max_position_embeddings;
+        let limit = self.cfg.max_prompt_tokens.min(window.saturating_sub(1));
+        if prompt.len() > limit {
+            return Err(EngineError::PromptTooLong { tokens: prompt.len(), limit });
         }
-        if let Some(id) = prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(EngineError::Invalid(format!("token id {id} is outside the vocabulary ({})", cfg.vocab_size)));
-        }
-        if prompt.len() >= cfg.max_position_embeddings {
-            return Err(EngineError::Invalid(format!(
-                "a prompt of {} tokens leaves no room in the context window of {}",
-                prompt.len(),
-                cfg.max_position_embeddings
-            )));
-        }
-        Ok(())
+        self.gen.model.check_input(prompt, 0).map_err(|e| EngineError::Invalid(e.to_string()))
     }
 
     pub(crate) fn publish(&self) {

@@ -395,7 +395,11 @@ impl Qwen2 {
         Ok(Tensor::from_vec(out, (b, vocab), &self.device)?)
     }
 
-    fn check_input(&self, tokens: &[u32], cached: usize) -> Result<()> {
+    /// Whether `tokens` may run after `cached` tokens of context: not empty, every
+    /// id in the vocabulary, the whole within the context window. The forward pass
+    /// checks this, and the engine's admission asks it of every prompt before any
+    /// work is done for it.
+    pub fn check_input(&self, tokens: &[u32], cached: usize) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::EmptyPrompt);
         }

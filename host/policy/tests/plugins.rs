@@ -335,3 +335,26 @@ fn the_third_party_example_policy_loads_and_evicts_first_in_first_out() {
     plugin_decided(&d);
     assert_eq!(d.value, vec![1], "entry 1 came first, however often it was used");
 }
+
+/// A component built for another version of the policy WIT is refused before it
+/// serves, and the error names both versions; a shipped one declares this host's.
+#[test]
+fn a_component_built_for_another_wit_version_is_refused_naming_both_versions() {
+    let set = PolicySet::new(runtime(relaxed()));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/other-version/target/wasm32-wasip2/release/kframe_other_version.wasm");
+    let other =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-plugins.sh", path.display()));
+    let err = set.swap(PolicyKind::Eviction, "other-version", &other, "").unwrap_err();
+    let want = Failure::UnsupportedVersion {
+        package: "kframe:policy".into(),
+        found: "0.1.0".into(),
+        supported: kframe_policy::versions::POLICY,
+    };
+    assert_eq!(err.failure, want);
+    assert!(err.to_string().contains("0.1.0") && err.to_string().contains("kframe:policy@0.2.0"), "{err}");
+    let rt = runtime(relaxed());
+    let lru = wasmtime::component::Component::new(rt.engine(), bytes("lru")).unwrap();
+    let declared = kframe_policy::versions::declared(rt.engine(), &lru);
+    assert_eq!(declared, vec![("kframe:policy".to_owned(), "0.2.0".to_owned())]);
+}

@@ -17,7 +17,6 @@ use tokenizers::Tokenizer;
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
-    pub max_prompt_tokens: usize,
     pub max_tokens: usize,
     pub max_connections: usize,
     pub max_sessions_per_tenant: usize,
@@ -32,7 +31,6 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 1 << 20,
-            max_prompt_tokens: 8192,
             max_tokens: 4096,
             max_connections: 1024,
             max_sessions_per_tenant: 64,
@@ -71,7 +69,6 @@ pub struct App {
     pub template: ChatTemplate,
     pub model_id: String,
     pub context_window: usize,
-    pub vocab_size: usize,
     pub limits: Limits,
     pub(crate) admin_hash: [u8; 32],
     pub(crate) admin_key: zeroize::Zeroizing<[u8; 32]>,
@@ -93,7 +90,6 @@ pub struct Served {
     /// The Jinja chat template (the model's, or the server's default).
     pub chat_template: Option<String>,
     pub context_window: usize,
-    pub vocab_size: usize,
 }
 
 impl App {
@@ -113,7 +109,7 @@ impl App {
         let admin_token = load_or_create_admin_token(data_dir)?;
         let admin_key = master.derive(ADMIN_HASH_CONTEXT);
         let admin_hash = *blake3::keyed_hash(&admin_key, admin_token.as_bytes()).as_bytes();
-        let Served { model_id, tokenizer, context_window, vocab_size, .. } = served;
+        let Served { model_id, tokenizer, context_window, .. } = served;
         Ok(Self {
             engine,
             registry,
@@ -121,7 +117,6 @@ impl App {
             template,
             model_id,
             context_window,
-            vocab_size,
             limits,
             admin_hash,
             admin_key,

@@ -170,6 +170,7 @@ pub fn engine_error(e: EngineError) -> ApiError {
         },
         EngineError::TenantDeleted => ApiError::unauthorized(),
         EngineError::Invalid(_) => ApiError::bad_request(msg),
+        EngineError::PromptTooLong { .. } => ApiError::bad_request(msg).with_code("context_length_exceeded"),
         EngineError::Model(_) => ApiError::internal(msg),
     }
 }

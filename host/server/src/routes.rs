@@ -222,17 +222,8 @@ fn job(app: &App, prompt: Vec<u32>, s: Sampling, default_max: usize) -> Result<J
     if s.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("n must be 1"));
     }
-    if prompt.is_empty() {
-        return Err(ApiError::bad_request("the prompt is empty"));
-    }
-    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= app.vocab_size) {
-        return Err(ApiError::bad_request(format!("token id {id} is outside the vocabulary ({})", app.vocab_size)));
-    }
-    let window = app.context_window.min(app.limits.max_prompt_tokens + 1);
-    if prompt.len() >= window {
-        let msg = format!("the prompt has {} tokens; the limit is {}", prompt.len(), window - 1);
-        return Err(ApiError::bad_request(msg).with_code("context_length_exceeded"));
-    }
+    // The prompt itself is validated once, at the engine's door (its first event
+    // is the refusal).
     let max_tokens = match s.max_completion_tokens.or(s.max_tokens) {
         Some(0) => return Err(ApiError::bad_request("max_tokens must be at least 1")),
         Some(n) if n > app.limits.max_tokens as u64 => {
@@ -454,9 +445,6 @@ async fn register_prefix(app: &Arc<App>, req: Request<Incoming>) -> Result<Respo
     let body = read_body(req, app.limits.max_body_bytes, app.limits.body_timeout).await?;
     let new: NewPrefix = parse_json(&body)?;
     let tokens = encode(app, &new.text)?;
-    if tokens.is_empty() || tokens.len() >= app.context_window {
-        return Err(ApiError::bad_request("a prefix needs between 1 token and the context window"));
-    }
     let info = app.engine.register_prefix(tokens).await.map_err(engine_error)?;
     app.registry.add_prefix(&new.text).map_err(registry_error)?;
     Ok(json_response(StatusCode::CREATED, &json!(info)))

@@ -31,12 +31,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         prefix_mode: args.prefix_mode.into(),
         kv_budget: args.kv_budget,
         max_batch: args.max_batch,
+        max_prompt_tokens: args.max_prompt_tokens,
         padding,
         ..EngineConfig::default()
     };
     let limits = server::Limits {
         max_body_bytes: args.max_body_bytes,
-        max_prompt_tokens: args.max_prompt_tokens,
         max_tokens: args.max_tokens,
         max_connections: args.max_connections,
         ..server::Limits::default()
@@ -47,7 +47,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokenizer: bundle.tokenizer.clone(),
         chat_template: dir.chat_template.clone(),
         context_window: cfg.max_position_embeddings,
-        vocab_size: cfg.vocab_size,
     };
     // The engine keeps one copy of the master secret (tenant frames, block tags),
     // the server another (api key and admin token hashes).
