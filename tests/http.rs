@@ -1,186 +1,15 @@
 //! `kframe serve` end to end: a real server process on 127.0.0.1, spoken to over
 //! plain TCP with HTTP/1.1 (so that malformed requests can be sent too).
 
+mod common;
+
+use common::{fixture, generate, kframe, read_response, Resp, Server};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn kframe(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kframe")).args(args).output().expect("the kframe binary runs")
-}
-
-fn synth_model(dir: &Path) {
-    let out = kframe(&["synth-model", "--out", dir.to_str().unwrap(), "--seed", "5"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-struct Server {
-    child: Child,
-    addr: String,
-    admin: String,
-    _stdout: BufReader<ChildStdout>,
-}
-
-impl Server {
-    fn start(model: &Path, data: &Path, extra: &[&str]) -> Self {
-        Self::start_on(Some(model), data, extra)
-    }
-
-    /// `model` None: the embedded model.
-    fn start_on(model: Option<&Path>, data: &Path, extra: &[&str]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kframe"));
-        cmd.args(["serve", "--data-dir", data.to_str().unwrap()]);
-        if let Some(model) = model {
-            cmd.args(["--model", model.to_str().unwrap()]);
-        }
-        let mut child = cmd
-            .args(["--addr", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("kframe serve starts");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_owned();
-        let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_owned();
-        Self { child, addr, admin, _stdout: stdout }
-    }
-
-    fn request(&self, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
-        if let Some(t) = token {
-            head += &format!("Authorization: Bearer {t}\r\n");
-        }
-        for (k, v) in headers {
-            head += &format!("{k}: {v}\r\n");
-        }
-        head += &format!("Content-Length: {}\r\n\r\n", body.len());
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        read_response(&mut s)
-    }
-
-    fn post(&self, path: &str, token: &str, body: &Value) -> Resp {
-        self.request("POST", path, Some(token), &[("Content-Type", "application/json")], body.to_string().as_bytes())
-    }
-
-    /// Creates a tenant; returns its api key.
-    fn tenant(&self, name: &str) -> String {
-        let r = self.post("/admin/tenants", &self.admin, &json!({"name": name}));
-        assert_eq!(r.status, 201, "{}", r.text());
-        r.json()["api_key"].as_str().unwrap().to_owned()
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    /// The `data:` payloads of a server-sent event stream.
-    fn events(&self) -> Vec<String> {
-        self.text().split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
-    }
-}
-
-fn read_response(s: &mut TcpStream) -> Resp {
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete response head");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
-    let mut body = raw[split + 4..].to_vec();
-    if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
-        body = dechunk(&body);
-    }
-    Resp { status, headers, body }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
-        data = &data[line_end + 2 + size + 2..];
-    }
-}
-
-fn generate(model: &Path, data: &Path, tenant: &str, epoch: u64, prompt: &str, max_tokens: usize) -> String {
-    let out = kframe(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--tenant",
-        tenant,
-        "--epoch",
-        &epoch.to_string(),
-        "--prompt",
-        prompt,
-        "--max-tokens",
-        &max_tokens.to_string(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.strip_suffix('\n').unwrap().to_owned()
-}
-
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    model: PathBuf,
-    data: PathBuf,
-}
-
-fn fixture() -> Fixture {
-    let tmp = tempfile::tempdir().unwrap();
-    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
-    synth_model(&model);
-    Fixture { _tmp: tmp, model, data }
-}
 
 fn streamed_text(r: &Resp, field: &str) -> String {
     let events = r.events();
@@ -201,7 +30,7 @@ fn completions_and_chat_streamed_or_not_match_kframe_generate_for_the_same_tenan
     let server = Server::start(&f.model, &f.data, &[]);
     let key = server.tenant("alice");
     let prompt = "The quick brown fox";
-    let expected = generate(&f.model, &f.data, "alice", 0, prompt, 12);
+    let expected = generate(&f.model, &f.data, &server.key_id("alice"), 0, prompt, 12);
 
     let body = json!({"prompt": prompt, "max_tokens": 12, "temperature": 0});
     let r = server.post("/v1/completions", &key, &body);
@@ -224,7 +53,7 @@ fn completions_and_chat_streamed_or_not_match_kframe_generate_for_the_same_tenan
 
     // Chat renders the template (ChatML for a model without one) and completes it.
     let chat_prompt = "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n";
-    let expected = generate(&f.model, &f.data, "alice", 0, chat_prompt, 10);
+    let expected = generate(&f.model, &f.data, &server.key_id("alice"), 0, chat_prompt, 10);
     let body = json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 10, "temperature": 0});
     let r = server.post("/v1/chat/completions", &key, &body);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -238,7 +67,7 @@ fn completions_and_chat_streamed_or_not_match_kframe_generate_for_the_same_tenan
     // amplifies any difference in attention).
     let bob = server.tenant("bob");
     let r = server.post("/v1/completions", &bob, &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}));
-    assert_eq!(r.json()["choices"][0]["text"], generate(&f.model, &f.data, "bob", 0, prompt, 12));
+    assert_eq!(r.json()["choices"][0]["text"], generate(&f.model, &f.data, &server.key_id("bob"), 0, prompt, 12));
 
     let models = server.request("GET", "/v1/models", Some(&key), &[], b"").json();
     assert_eq!(models["data"][0]["id"], "model");
@@ -249,7 +78,7 @@ fn a_stop_sequence_ends_the_text_before_it_in_both_modes() {
     let f = fixture();
     let server = Server::start(&f.model, &f.data, &[]);
     let key = server.tenant("alice");
-    let full = generate(&f.model, &f.data, "alice", 0, "Once upon a time", 16);
+    let full = generate(&f.model, &f.data, &server.key_id("alice"), 0, "Once upon a time", 16);
     // Stop at a piece of the text the model will produce.
     let stop: String = full.chars().skip(full.chars().count() / 2).take(2).collect();
     let cut = &full[..full.find(&stop).unwrap()];
@@ -286,7 +115,7 @@ fn sessions_continue_on_the_cache_and_another_tenants_session_is_a_404() {
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0, "{v}");
-    assert_eq!(v["choices"][0]["text"], generate(&f.model, &f.data, "alice", 0, &second, 6));
+    assert_eq!(v["choices"][0]["text"], generate(&f.model, &f.data, &server.key_id("alice"), 0, &second, 6));
 
     // Bob cannot reach it, and cannot tell it from a session that never existed.
     let mut body = json!({"prompt": "hi", "max_tokens": 2, "session": session});
@@ -381,7 +210,8 @@ fn the_official_openai_python_client_completes_chats_and_streams() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     // The client's completion is the server's (and generate's) text for the prompt.
-    let expected = generate(&f.model, &f.data, "alice", 0, "user secret of rosa 8493 . query secret of rosa", 5);
+    let expected =
+        generate(&f.model, &f.data, &server.key_id("alice"), 0, "user secret of rosa 8493 . query secret of rosa", 5);
     let line = format!("completion: {}", serde_json::to_string(&expected).unwrap());
     assert!(stdout.lines().any(|l| l == line), "expected {line:?} in {stdout}");
     for line in ["model: model", "chat: ", "stream: "] {
@@ -466,7 +296,7 @@ fn rekey_over_the_admin_api_moves_a_live_session_to_the_new_epoch() {
     let body = json!({"prompt": ask, "max_tokens": 5, "temperature": 0, "session": session});
     let v = server.post("/v1/completions", &alice, &body).json();
     assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0, "{v}");
-    assert_eq!(v["choices"][0]["text"], generate(&f.model, &f.data, "alice", 1, &ask, 5));
+    assert_eq!(v["choices"][0]["text"], generate(&f.model, &f.data, &server.key_id("alice"), 1, &ask, 5));
 }
 
 #[test]
@@ -516,7 +346,7 @@ fn after_kill_9_under_load_every_tenant_authenticates_with_the_same_epoch() {
         assert_eq!(epoch, if i < 5 { 1 } else { 0 }, "{name}");
         // Same epoch, same frame: the same text as generate in that epoch.
         let e = epoch.as_u64().unwrap();
-        assert_eq!(r.json()["choices"][0]["text"], generate(&f.model, &f.data, name, e, "still me", 3));
+        assert_eq!(r.json()["choices"][0]["text"], generate(&f.model, &f.data, &server.key_id(name), e, "still me", 3));
     }
 }
 
@@ -635,9 +465,9 @@ fn a_policy_put_over_the_admin_api_is_swapped_in_and_a_broken_one_is_refused() {
     assert_eq!(eviction["component"], "lfu");
 }
 
-/// Tenants' ids whose sessions hold cache bytes, from /metrics.
+/// Tenants' ids whose sessions hold cache bytes, from the operator's metrics.
 fn tenants_holding_cache(server: &Server) -> Vec<u64> {
-    let metrics = server.request("GET", "/metrics", None, &[], b"").text();
+    let metrics = server.request("GET", "/admin/metrics", Some(&server.admin), &[], b"").text();
     metrics
         .lines()
         .filter_map(|l| l.strip_prefix("kframe_engine_tenant_cache_bytes{tenant=\""))

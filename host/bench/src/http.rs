@@ -107,7 +107,7 @@ pub fn http(opts: &HttpBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::
         let policies = Arc::new(PolicySet::new(PluginRuntime::new(Limits::default(), None)?));
         let engine = Engine::start(generator, master, policies, config);
         // Tenant ids and names as the server's registry gives them (ids from 1).
-        let tenant = |t: usize| Tenant { id: t as u64 + 1, name: format!("b{t}"), epoch: 0, tier: 0 };
+        let tenant = |t: usize| Tenant { id: t as u64 + 1, key_id: format!("b{t}"), epoch: 0, tier: 0 };
         let start = Instant::now();
         let streams: Vec<_> = prompts
             .into_iter()

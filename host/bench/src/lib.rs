@@ -209,8 +209,8 @@ impl RotationReport {
     pub fn to_text(&self) -> String {
         let mut s = format!("model: {}\nmachine: {}\nrounds: {} (medians)\n\n", self.model, self.machine, self.rounds);
         s += "context  identity tok/s  probe-time tok/s  decode-time tok/s  probe/identity  decode/identity\n";
-        for c in &self.contexts {
-            s += &format!(
+        let row = |c: &ContextTimes| {
+            format!(
                 "{:>7}  {:>14.2}  {:>16.2}  {:>17.2}  {:>14.3}  {:>15.3}\n",
                 c.context,
                 c.identity_tok_s,
@@ -218,22 +218,13 @@ impl RotationReport {
                 c.decode_tok_s,
                 c.probe_over_identity,
                 c.decode_over_identity
-            );
-        }
+            )
+        };
+        s.extend(self.contexts.iter().map(row));
         if !self.embedded_model.is_empty() {
             s += "\nembedded model:\n";
         }
-        for c in &self.embedded_model {
-            s += &format!(
-                "{:>7}  {:>14.2}  {:>16.2}  {:>17.2}  {:>14.3}  {:>15.3}\n",
-                c.context,
-                c.identity_tok_s,
-                c.probe_tok_s,
-                c.decode_tok_s,
-                c.probe_over_identity,
-                c.decode_over_identity
-            );
-        }
+        s.extend(self.embedded_model.iter().map(row));
         s += &format!(
             "\nkframe (identity) {:.2} tok/s vs candle-transformers qwen2 {:.2} tok/s at context 512: kframe/candle = {:.3}\n",
             self.kframe_tok_s, self.candle_tok_s, self.kframe_over_candle

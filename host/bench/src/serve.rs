@@ -177,7 +177,7 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
             let streams: Vec<_> = (0..n)
                 .map(|t| {
                     let prompt: Vec<u32> = (0..16).map(|i| token(t * 31 + i)).collect();
-                    let tenant = Tenant { id: t as u64 + 1, name: format!("bench-{t}"), epoch: 0, tier: 0 };
+                    let tenant = Tenant { id: t as u64 + 1, key_id: format!("bench-{t}"), epoch: 0, tier: 0 };
                     let params = SamplingParams { max_tokens: 64, ..Default::default() };
                     engine.submit(Submit { tenant, session: None, prompt, params })
                 })
@@ -212,7 +212,7 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     // costs, such as the keyring filling up to its capacity in the first half.
     let session = |t: usize| -> anyhow::Result<()> {
         let prompt: Vec<u32> = (0..16).map(|i| token(t * 17 + i)).collect();
-        let tenant = Tenant { id: 10_000 + t as u64, name: format!("resident-{t}"), epoch: 0, tier: 0 };
+        let tenant = Tenant { id: 10_000 + t as u64, key_id: format!("resident-{t}"), epoch: 0, tier: 0 };
         let params = SamplingParams { max_tokens: 1, ..Default::default() };
         let mut s = engine.submit(Submit { tenant, session: Some("s".into()), prompt, params });
         while let Some(ev) = s.next_blocking() {
@@ -364,7 +364,7 @@ pub(crate) fn drain(mut stream: kframe_engine::Stream) -> anyhow::Result<usize> 
     while let Some(ev) = stream.next_blocking() {
         match ev {
             Event::Token { .. } => tokens += 1,
-            Event::Text(_) => {}
+            Event::Text(_) | Event::Started { .. } => {}
             Event::Done { .. } => break,
             Event::Failed(e) => anyhow::bail!("bench request failed: {e}"),
         }

@@ -43,6 +43,17 @@ impl State {
             self.reject(p, e);
             return None;
         }
+        let tenant = p.req.tenant.id;
+        let (quota, max_requests) = self.cfg.limits_for(p.req.tenant.tier);
+        if !from_queue {
+            // The tenant's share of the engine's attention: running and waiting.
+            let running = self.active.iter().filter(|s| s.tenant.id == tenant).count();
+            let waiting = self.waiting.iter().filter(|w| w.req.tenant.id == tenant).count();
+            if running + waiting >= max_requests as usize {
+                self.reject(p, EngineError::TenantBusy { limit: max_requests });
+                return None;
+            }
+        }
         let key = p.req.session.as_deref().map(|name| self.sessions.key(p.req.tenant.id, name));
         let checkout = match &key {
             Some(k) => self.sessions.checkout(k),
@@ -127,10 +138,24 @@ impl State {
                 return None;
             }
             Admission::Queue => true,
-            Admission::Admit => !self.make_room(needed),
+            // The tenant's own sessions make room within its quota first, so that
+            // its churn never evicts another tenant's while it can pay itself.
+            Admission::Admit => !(self.make_room_within_quota(tenant, needed, quota) && self.make_room(needed)),
         };
         if wait {
             self.give_back(&key, p.req.tenant.id, checkout);
+            if needed > self.cfg.kv_budget {
+                // Bigger than the whole budget: nothing will ever free enough.
+                self.reject(p, EngineError::OverBudget { needed, budget: self.cfg.kv_budget });
+                return None;
+            }
+            let own_running = self.active.iter().any(|s| s.tenant.id == tenant);
+            let own_bytes = self.ledger.tenant_bytes.get(&tenant).copied().unwrap_or(0);
+            if !own_running && never_fits(needed, quota, own_bytes) {
+                // Nothing of the tenant's is running or idle: this alone is over its quota.
+                self.reject(p, EngineError::OverQuota { needed, quota });
+                return None;
+            }
             if self.active.is_empty() && never_fits(needed, self.cfg.kv_budget, self.ledger.in_flight) {
                 // Nothing running will ever free enough.
                 self.reject(p, EngineError::OverBudget { needed, budget: self.cfg.kv_budget });
@@ -165,7 +190,7 @@ impl State {
     ) {
         let Pending { req, tx, .. } = p;
         let Plan { verify, layout, held, reserved } = plan;
-        let frame = match self.keyring.padded_frame(&req.tenant.name, req.tenant.epoch, &layout) {
+        let frame = match self.keyring.padded_frame(&req.tenant.key_id, req.tenant.epoch, &layout) {
             Ok(f) => f,
             Err(e) => {
                 self.give_back(&key, req.tenant.id, checkout);
@@ -223,9 +248,11 @@ impl State {
         self.ledger.charge(req.tenant.id, reserved as i64 - held as i64);
         self.ledger.in_flight += reserved;
         Metrics::add(&self.metrics.prompt_tokens_cached, common as u64);
+        let _ = tx.send(Event::Started { cached_tokens: common });
         self.active.push(Seq {
             frame,
             session: key,
+            discard_session: false,
             entry,
             cache,
             context: req.prompt[..common].to_vec(),

@@ -7,12 +7,16 @@ use kframe_model::generate::{FinishReason, SamplingParams};
 use kframe_model::Variant;
 use tokio::sync::{mpsc, oneshot};
 
-/// A tenant as the engine sees it: the registry's numeric id (what policies see),
-/// its name and key epoch (what its frame is derived from) and its service tier.
+/// A tenant as the engine sees it: the registry's numeric id (what policies see
+/// and sessions are keyed by), the identity its frames are derived from, its key
+/// epoch and its service tier. The engine never sees a tenant's name: a name can be
+/// deleted and created again, and the new tenant must not get the old frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
     pub id: u64,
-    pub name: String,
+    /// The frame identity: key material is derived from (master secret, this,
+    /// epoch). Assigned once at creation and never reused.
+    pub key_id: String,
     pub epoch: u64,
     pub tier: u8,
 }
@@ -35,10 +39,16 @@ pub struct Usage {
     pub cached_tokens: usize,
 }
 
-/// What a request's stream carries: tokens as they are sampled, then exactly one
-/// `Done` or `Failed`.
+/// What a request's stream carries: `Started` once it runs, tokens as they are
+/// sampled, then exactly one `Done` or `Failed` (a request refused before it runs
+/// gets only `Failed`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The request started running: of its prompt, `cached_tokens` come from its
+    /// session's cache (or a shared prefix). Before any token.
+    Started {
+        cached_tokens: usize,
+    },
     Token {
         id: u32,
         text: String,
@@ -64,6 +74,10 @@ pub enum EngineError {
     QueueFull(u32),
     #[error("the request needs {needed} cache bytes; the budget is {budget}")]
     OverBudget { needed: u64, budget: u64 },
+    #[error("the request needs {needed} cache bytes; the tenant may hold {quota}")]
+    OverQuota { needed: u64, quota: u64 },
+    #[error("the tenant has {limit} requests running or waiting, its limit")]
+    TenantBusy { limit: u32 },
     #[error("the session is in use by another request")]
     SessionBusy,
     #[error("the session is in key epoch {session}, the request in {request}")]
@@ -71,13 +85,23 @@ pub enum EngineError {
     #[error("the tenant was deleted")]
     TenantDeleted,
     #[error("invalid request: {0}")]
-    Invalid(String),
-    #[error("the prompt has {tokens} tokens; the limit is {limit}")]
-    PromptTooLong { tokens: usize, limit: usize },
+    Invalid(InvalidRequest),
     #[error("model error: {0}")]
     Model(String),
     #[error("the engine has shut down")]
     ShutDown,
+}
+
+/// Why a request cannot run at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRequest {
+    /// The model refuses the prompt: empty, or an id outside the vocabulary.
+    #[error("{0}")]
+    Prompt(String),
+    /// Longer than the engine admits (its limit, or the context window less one
+    /// token for the answer).
+    #[error("the prompt has {tokens} tokens; the limit is {limit}")]
+    TooLong { tokens: usize, limit: usize },
 }
 
 impl EngineError {
@@ -87,6 +111,8 @@ impl EngineError {
             self,
             EngineError::QueueFull(_)
                 | EngineError::OverBudget { .. }
+                | EngineError::OverQuota { .. }
+                | EngineError::TenantBusy { .. }
                 | EngineError::SessionBusy
                 | EngineError::Rejected(_)
         )
@@ -136,6 +162,36 @@ pub struct EngineConfig {
     /// Norm padding for the layers the depth-gate policy pads; None: no layer is
     /// padded whatever the policy says.
     pub padding: Option<kframe_core::layout::Padding>,
+    /// What one tenant may hold and ask for at once, unless its tier has its own.
+    pub tenant_limits: TenantLimits,
+    /// Per service tier, limits that replace `tenant_limits`.
+    pub tier_limits: std::collections::BTreeMap<u8, TenantLimits>,
+}
+
+/// A tenant's share of the engine, so that no tenant crowds out the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Cache bytes the tenant's sessions and running requests may hold together;
+    /// None: half the engine's budget. A tenant past it loses its own least
+    /// recently used idle sessions first, never another tenant's.
+    pub cache_bytes: Option<u64>,
+    /// Requests of the tenant running and waiting at once; more are refused
+    /// (`TenantBusy`, HTTP 429 with Retry-After).
+    pub requests: u32,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        Self { cache_bytes: None, requests: 32 }
+    }
+}
+
+impl EngineConfig {
+    /// The limits that apply to a tenant of `tier`, with the cache share resolved.
+    pub fn limits_for(&self, tier: u8) -> (u64, u32) {
+        let l = self.tier_limits.get(&tier).copied().unwrap_or(self.tenant_limits);
+        (l.cache_bytes.unwrap_or(self.kv_budget / 2), l.requests)
+    }
 }
 
 impl Default for EngineConfig {
@@ -151,6 +207,8 @@ impl Default for EngineConfig {
             max_prompt_tokens: usize::MAX,
             keyring_capacity: 256,
             padding: None,
+            tenant_limits: TenantLimits::default(),
+            tier_limits: Default::default(),
         }
     }
 }
@@ -181,6 +239,7 @@ impl Stream {
                     text += &piece;
                 }
                 Event::Text(piece) => text += &piece,
+                Event::Started { .. } => {}
                 last => return (tokens, text, last),
             }
         }
@@ -193,5 +252,6 @@ pub(crate) enum Command {
     DropTenant(Tenant, oneshot::Sender<usize>),
     Rekey(Tenant, u64, oneshot::Sender<Result<usize, EngineError>>),
     RegisterPrefix(Vec<u32>, oneshot::Sender<Result<PrefixInfo, EngineError>>),
+    EndSession(u64, String, oneshot::Sender<bool>),
     Shutdown,
 }

@@ -1,6 +1,7 @@
 //! Eviction: freeing idle sessions' and unused shared prefixes' cache bytes,
-//! chosen by the eviction policy, until a request fits the budget; and removing
-//! one such entry (evicted, or deleted with its tenant).
+//! chosen by the eviction policy, until a request fits the budget, or a tenant's
+//! own least recently used sessions until it fits its quota; and removing one
+//! entry (evicted, deleted with its tenant, or ended by its tenant).
 
 use crate::metrics::Metrics;
 use crate::prefixes::PREFIX_ENTRY;
@@ -52,5 +53,35 @@ impl State {
             // Dropping `s` zeroes its cache.
         }
         self.policies.on_remove(entry);
+    }
+
+    /// Evicts `tenant`'s own idle sessions, least recently used first, until
+    /// `needed` more of its bytes fit its `quota`. False if they cannot.
+    pub(crate) fn make_room_within_quota(&mut self, tenant: u64, needed: u64, quota: u64) -> bool {
+        let held = |s: &Self| s.ledger.tenant_bytes.get(&tenant).copied().unwrap_or(0);
+        if held(self) + needed <= quota {
+            return true;
+        }
+        let victims = self.policies.tenant_lru_victims(tenant, held(self) + needed - quota);
+        for id in victims {
+            self.remove_session(id, true);
+        }
+        held(self) + needed <= quota
+    }
+
+    /// Ends a tenant's session by name (see `Engine::end_session`).
+    pub(crate) fn end_session(&mut self, tenant: u64, name: &str) -> bool {
+        let key = self.sessions.key(tenant, name);
+        let running = self.active.iter_mut().find(|s| s.session == Some(key));
+        let in_use = running.is_some();
+        if let Some(seq) = running {
+            seq.discard_session = true;
+        }
+        let stored = self.sessions.entry_of(&key);
+        if let Some(entry) = stored {
+            self.remove_session(entry, false);
+        }
+        self.publish();
+        in_use || stored.is_some()
     }
 }

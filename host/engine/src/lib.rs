@@ -43,7 +43,10 @@ mod tenants;
 mod update;
 mod worker;
 
-pub use api::{EngineConfig, EngineError, Event, PrefixInfo, PrefixMode, Stream, Submit, Tenant, Usage};
+pub use api::{
+    EngineConfig, EngineError, Event, InvalidRequest, PrefixInfo, PrefixMode, Stream, Submit, Tenant, TenantLimits,
+    Usage,
+};
 pub use isolation::IsolationReport;
 pub use metrics::{Metrics, MetricsSnapshot};
 
@@ -126,6 +129,15 @@ impl Engine {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Command::RegisterPrefix(tokens, tx)).map_err(|_| EngineError::ShutDown)?;
         rx.await.map_err(|_| EngineError::ShutDown)?
+    }
+
+    /// Ends a tenant's session: its cache is zeroed and freed now, or, if a request
+    /// is using it, when that request ends (its answer is not affected). Returns
+    /// whether there was such a session.
+    pub async fn end_session(&self, tenant: u64, session: String) -> Result<bool, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::EndSession(tenant, session, tx)).map_err(|_| EngineError::ShutDown)?;
+        rx.await.map_err(|_| EngineError::ShutDown)
     }
 
     pub fn metrics(&self) -> MetricsSnapshot {

@@ -116,6 +116,11 @@ impl Sessions {
         self.map.remove(&key)
     }
 
+    /// The entry id of the session under `key`, if there is one.
+    pub fn entry_of(&self, key: &SessionKey) -> Option<u64> {
+        self.map.get(key).map(|s| s.entry)
+    }
+
     pub fn entries_of(&self, tenant: u64) -> Vec<u64> {
         self.map.values().filter(|s| s.tenant == tenant).map(|s| s.entry).collect()
     }

@@ -3,7 +3,7 @@
 //! the engine asks of it (prompt validation, the storage dtype, publishing the
 //! metrics). The operations on it live in the files named for their job.
 
-use crate::api::{EngineConfig, EngineError, Event, Submit, Tenant, Usage};
+use crate::api::{EngineConfig, EngineError, Event, InvalidRequest, Submit, Tenant, Usage};
 use crate::isolation::IsolationReport;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -33,6 +33,9 @@ pub(crate) struct Seq {
     pub(crate) tenant: Tenant,
     pub(crate) frame: Frame,
     pub(crate) session: Option<SessionKey>,
+    /// The session was ended while this request used it: its cache is dropped,
+    /// not checked back in, when the request finishes.
+    pub(crate) discard_session: bool,
     /// The session's eviction entry, pinned while this sequence runs.
     pub(crate) entry: Option<u64>,
     pub(crate) cache: KvCache,
@@ -67,6 +70,8 @@ pub(crate) struct State {
     pub(crate) prefixes: Vec<PrefixSlot>,
     /// Logical time for policies: one tick per admission or finish.
     pub(crate) now: u64,
+    /// Steps scheduled so far: which tenant goes first in the next one.
+    pub(crate) turn: u64,
     pub(crate) shape: CacheShape,
     /// Seals every tenant's and prefix's cache blocks (the corrective layer).
     pub(crate) tag_key: Arc<TagKey>,
@@ -111,6 +116,7 @@ impl State {
             ledger: Ledger::default(),
             prefixes: Vec::new(),
             now: 0,
+            turn: 0,
             shape,
             tag_key,
         }
@@ -131,9 +137,9 @@ impl State {
         let window = self.gen.model.config().max_position_embeddings;
         let limit = self.cfg.max_prompt_tokens.min(window.saturating_sub(1));
         if prompt.len() > limit {
-            return Err(EngineError::PromptTooLong { tokens: prompt.len(), limit });
+            return Err(EngineError::Invalid(InvalidRequest::TooLong { tokens: prompt.len(), limit }));
         }
-        self.gen.model.check_input(prompt, 0).map_err(|e| EngineError::Invalid(e.to_string()))
+        self.gen.model.check_input(prompt, 0).map_err(|e| EngineError::Invalid(InvalidRequest::Prompt(e.to_string())))
     }
 
     pub(crate) fn publish(&self) {

@@ -28,7 +28,7 @@ impl State {
         for &entry in &entries {
             self.remove_session(entry, false);
         }
-        self.keyring.forget(&tenant.name, tenant.epoch);
+        self.keyring.forget(&tenant.key_id, tenant.epoch);
         self.publish();
         entries.len()
     }
@@ -38,8 +38,8 @@ impl State {
         // Each cache moves between the two epochs' frames of its own layout.
         let ring = &self.keyring;
         let frames = |layout: &Layout| -> Result<(Frame, Frame), EngineError> {
-            let old = ring.padded_frame(&tenant.name, tenant.epoch, layout).map_err(model_err)?;
-            let new = ring.padded_frame(&tenant.name, epoch, layout).map_err(model_err)?;
+            let old = ring.padded_frame(&tenant.key_id, tenant.epoch, layout).map_err(model_err)?;
+            let new = ring.padded_frame(&tenant.key_id, epoch, layout).map_err(model_err)?;
             Ok((old, new))
         };
         let mut done = 0;
@@ -58,7 +58,7 @@ impl State {
             seq.frame = new;
             seq.tenant.epoch = epoch;
         }
-        self.keyring.forget(&tenant.name, tenant.epoch);
+        self.keyring.forget(&tenant.key_id, tenant.epoch);
         Ok(done)
     }
 }

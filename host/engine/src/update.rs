@@ -131,7 +131,7 @@ impl State {
         };
         self.ledger.in_flight -= seq.reserved;
         let tenant = seq.tenant.id;
-        let keep = !matches!(how, Finish::Failed(_));
+        let keep = !matches!(how, Finish::Failed(_)) && !seq.discard_session;
         match (seq.session, keep) {
             (Some(key), true) => {
                 // Give back the room reserved for tokens never generated.

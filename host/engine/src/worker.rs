@@ -74,6 +74,10 @@ impl State {
                 let _ = reply.send(self.rekey(&tenant, epoch));
                 true
             }
+            Command::EndSession(tenant, name, reply) => {
+                let _ = reply.send(self.end_session(tenant, &name));
+                true
+            }
             Command::Shutdown => false,
         }
     }

@@ -35,7 +35,7 @@ fn engine(f: &Fixture, cfg: EngineConfig, policies: Arc<PolicySet>) -> Engine {
 }
 
 fn tenant(id: u64) -> Tenant {
-    Tenant { id, name: format!("tenant-{id}"), epoch: 0, tier: 0 }
+    Tenant { id, key_id: format!("tenant-{id}"), epoch: 0, tier: 0 }
 }
 
 fn prompt(seed: u32, len: u32) -> Vec<u32> {
@@ -55,7 +55,7 @@ fn submit(e: &Engine, t: Tenant, session: Option<&str>, prompt: Vec<u32>, max_to
 fn solo(f: &Fixture, t: &Tenant, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let gen = ModelBundle::load(&f.dir, DType::F32, &Device::Cpu).unwrap();
     let ring = Keyring::builder(MasterSecret::from_bytes(MASTER), gen.model.rotation_shape()).capacity(4).build();
-    let frame = ring.frame(&t.name, t.epoch).unwrap();
+    let frame = ring.frame(&t.key_id, t.epoch).unwrap();
     let tokens = gen
         .generate(prompt, &frame, Variant::ProbeTime, KvPrecision::Native, &params(max_tokens), |_| {})
         .unwrap()
@@ -69,7 +69,7 @@ fn solo(f: &Fixture, t: &Tenant, prompt: &[u32], max_tokens: usize) -> Vec<u32> 
     // The engine's caches pad layer 0 by default: the widest rows a step rotates.
     let width = cfg.head_dim + kframe_core::layout::DEFAULT_EXTRA;
     let tolerance = kframe_testkit::widest_tolerance(cfg, prompt.len() + tokens.len(), width, &logits);
-    kframe_testkit::assert_clear_margins(&logits, tolerance, &format!("{} alone", t.name));
+    kframe_testkit::assert_clear_margins(&logits, tolerance, &format!("{} alone", t.key_id));
     tokens
 }
 

@@ -100,6 +100,14 @@ impl EntryTable {
         self.lowest_first(bytes_needed, |t| t.last_used)
     }
 
+    /// [`Self::lru_victims`] among `tenant`'s entries only.
+    pub fn lru_victims_of(&self, tenant: u64, bytes_needed: u64) -> Vec<u64> {
+        let mut order: Vec<&Tracked> =
+            self.entries.values().filter(|t| !t.entry.pinned && t.entry.tenant == tenant).collect();
+        order.sort_by_key(|t| (t.last_used, t.entry.id));
+        take_until(order.into_iter(), bytes_needed)
+    }
+
     /// Checks a policy's victims: live, unpinned, distinct ids that free the bytes
     /// asked for (or every unpinned byte there is, when that is less).
     pub fn validate_victims(&self, ids: &[u64], bytes_needed: u64) -> Result<(), String> {
@@ -160,6 +168,8 @@ mod tests {
         assert_eq!(t.lru_victims(10), vec![1]);
         assert_eq!(t.lru_victims(15), vec![1, 2]);
         assert_eq!(t.lru_victims(100), vec![1, 2], "a pinned entry is never a victim");
+        t.insert(Entry { tenant: 2, ..entry(4, 10, 0) });
+        assert_eq!(t.lru_victims_of(2, 100), vec![4], "only the tenant's own");
     }
 
     #[test]

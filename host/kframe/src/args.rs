@@ -78,7 +78,9 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[arg(long)]
     pub prompt: String,
-    /// Run in this tenant's private frame; without it, in the identity frame.
+    /// Run in the private frame of this frame identity (a served tenant's `key_id`
+    /// in the admin tenant list; frames derive from it, never from a name);
+    /// without it, in the identity frame.
     #[arg(long)]
     pub tenant: Option<String>,
     #[arg(long, default_value_t = 0)]
@@ -145,6 +147,13 @@ pub struct ServeArgs {
     /// for another WIT version, say): it is dropped, and the native policy decides.
     #[arg(long)]
     pub drop_unloadable_policies: bool,
+    /// Requests one tenant may have running and waiting at once; more get 429.
+    #[arg(long, default_value_t = 32)]
+    pub tenant_requests: u32,
+    /// Cache bytes one tenant's sessions and requests may hold together (its own
+    /// least recently used sessions make room first) [default: half of --kv-budget].
+    #[arg(long)]
+    pub tenant_cache_bytes: Option<u64>,
 }
 
 fn parse_policy(s: &str) -> Result<(PolicyKind, PathBuf), String> {

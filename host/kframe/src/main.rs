@@ -2,8 +2,12 @@
 //!
 //! The binary is the command line over the library crates: [`args`] declares it,
 //! `commands/` holds one file per command, [`model`] loads the model a command
-//! names and [`report`] prints what it measured. Which crate does what is in the
-//! workspace README's layout section.
+//! names and [`report`] prints what it measured.
+//!
+//! # Dependencies
+//!
+//! Every kframe crate, clap and the tracing subscriber; nothing depends on it.
+//! Which crate does what is in the workspace README's layout section.
 
 mod args;
 mod commands;

@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
     pub max_tokens: usize,
-    /// 0 means greedy.
+    /// 0 (or anything below [`MIN_TEMPERATURE`]) means greedy.
     pub temperature: f64,
     pub top_p: Option<f64>,
     pub seed: u64,
@@ -88,11 +88,22 @@ impl TextStream {
     }
 }
 
-/// The sampler `params` ask for, seeded.
+/// Temperatures below this sample greedily. Sampling divides the logits by the
+/// temperature before the softmax, and at 1e-38 a logit of 10 is past f32's range:
+/// every probability turns into NaN. At 1e-3 the distribution is already the
+/// argmax to within f32 for logits a tenth of a unit apart.
+pub const MIN_TEMPERATURE: f64 = 1e-3;
+
+/// top_p below this keeps only the most likely token, as 1e-6 does: the sampler
+/// works in f32, where 1e-300 is zero and would keep no token at all.
+pub const MIN_TOP_P: f64 = 1e-6;
+
+/// The sampler `params` ask for, seeded; parameters too small to work are clamped
+/// as [`MIN_TEMPERATURE`] and [`MIN_TOP_P`] say.
 pub fn sampler(params: &SamplingParams) -> LogitsProcessor {
     let sampling = match (params.temperature, params.top_p) {
-        (t, _) if t <= 0.0 => Sampling::ArgMax,
-        (temperature, Some(p)) if p < 1.0 => Sampling::TopP { p, temperature },
+        (t, _) if t < MIN_TEMPERATURE => Sampling::ArgMax,
+        (temperature, Some(p)) if p < 1.0 => Sampling::TopP { p: p.max(MIN_TOP_P), temperature },
         (temperature, _) => Sampling::All { temperature },
     };
     LogitsProcessor::from_sampling(params.seed, sampling)

@@ -244,6 +244,13 @@ impl PolicySet {
         mirror.resize(id, bytes, tokens);
     }
 
+    /// One tenant's unpinned entries, least recently used first, until they free
+    /// `bytes_needed`: how the host keeps a tenant within its quota (its own
+    /// entries only, whatever the eviction policy would pick).
+    pub fn tenant_lru_victims(&self, tenant: u64, bytes_needed: u64) -> Vec<u64> {
+        self.mirror.lock().expect("mirror lock").lru_victims_of(tenant, bytes_needed)
+    }
+
     /// Entries to evict to free `bytes_needed`: the plugin's answer if it is
     /// valid, else least recently used. The caller evicts them and reports each
     /// with [`PolicySet::on_remove`].

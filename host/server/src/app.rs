@@ -9,7 +9,7 @@ use kframe_policy::PolicyKind;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokenizers::Tokenizer;
 
@@ -65,7 +65,14 @@ const ADMIN_HASH_CONTEXT: &str = "kframe admin token hash v1";
 pub struct App {
     pub engine: Engine,
     pub registry: Registry,
-    pub tokenizer: Tokenizer,
+    /// Shared with the blocking pool that tokenizes, off the async workers.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The longest token of the vocabulary, in UTF-8 bytes: a text longer than this
+    /// times the prompt limit cannot fit, and is refused before it is tokenized.
+    pub(crate) max_token_bytes: usize,
+    /// The most prompt tokens the engine admits (its own check decides; this
+    /// sizes the byte check).
+    pub(crate) max_prompt_tokens: usize,
     pub template: ChatTemplate,
     pub model_id: String,
     pub context_window: usize,
@@ -90,6 +97,8 @@ pub struct Served {
     /// The Jinja chat template (the model's, or the server's default).
     pub chat_template: Option<String>,
     pub context_window: usize,
+    /// The most prompt tokens the engine is configured to admit.
+    pub max_prompt_tokens: usize,
 }
 
 impl App {
@@ -109,11 +118,14 @@ impl App {
         let admin_token = load_or_create_admin_token(data_dir)?;
         let admin_key = master.derive(ADMIN_HASH_CONTEXT);
         let admin_hash = *blake3::keyed_hash(&admin_key, admin_token.as_bytes()).as_bytes();
-        let Served { model_id, tokenizer, context_window, .. } = served;
+        let Served { model_id, tokenizer, context_window, max_prompt_tokens, .. } = served;
+        let max_token_bytes = tokenizer.get_vocab(true).keys().map(String::len).max().unwrap_or(1).max(1);
         Ok(Self {
             engine,
             registry,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
+            max_token_bytes,
+            max_prompt_tokens: max_prompt_tokens.min(context_window.saturating_sub(1)),
             template,
             model_id,
             context_window,

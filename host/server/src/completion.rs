@@ -6,7 +6,7 @@
 use crate::http::{engine_error, ApiError};
 use crate::openai::{Reply, StopMatcher, UsageOut};
 use bytes::Bytes;
-use kframe_engine::{EngineError, Event, Stream};
+use kframe_engine::{EngineError, Event, Stream, Usage};
 use kframe_model::generate::FinishReason;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -33,21 +33,28 @@ pub(crate) async fn fold(
 ) {
     let mut stop = StopMatcher::new(stops);
     let mut held = Some(first);
-    let mut completion_tokens = 0;
+    let (mut completion_tokens, mut cached_tokens) = (0, 0);
     loop {
         let event = match held.take() {
             Some(e) => Some(e),
             None => events.next().await,
         };
+        // A stop sequence ends the request before the engine's `Done`: its usage is
+        // what the stream said so far.
+        let stopped_here = |completion_tokens| Usage { prompt_tokens: prompt_len, completion_tokens, cached_tokens };
         let (piece, end) = match event {
+            Some(Event::Started { cached_tokens: n }) => {
+                cached_tokens = n;
+                continue;
+            }
             Some(Event::Token { text, .. }) => {
                 completion_tokens += 1;
                 let (piece, stopped) = stop.push(&text);
-                (piece, stopped.then_some(("stop", None)))
+                (piece, stopped.then(|| ("stop", Some(stopped_here(completion_tokens)))))
             }
             Some(Event::Text(text)) => {
                 let (piece, stopped) = stop.push(&text);
-                (piece, stopped.then_some(("stop", None)))
+                (piece, stopped.then(|| ("stop", Some(stopped_here(completion_tokens)))))
             }
             Some(Event::Done { finish, usage, .. }) => (stop.finish(), Some((finish_reason(finish), Some(usage)))),
             Some(Event::Failed(e)) => return sink.fail(engine_error(e)).await,

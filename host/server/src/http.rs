@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::{header, Response, StatusCode};
-use kframe_engine::EngineError;
+use kframe_engine::{EngineError, InvalidRequest};
 use serde_json::json;
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -81,8 +81,14 @@ impl ApiError {
         Self { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message) }
     }
 
+    /// A 500. Its body carries the error's first line only: a candle error can
+    /// carry a backtrace (registry paths, the compiler's commit) when
+    /// RUST_BACKTRACE is set, and no response ever shows one; the log has it all.
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+        let message = message.into();
+        tracing::error!("internal error: {message}");
+        let first = message.lines().next().unwrap_or("internal error").to_owned();
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", first)
     }
 
     pub fn with_code(mut self, code: &'static str) -> Self {
@@ -139,11 +145,18 @@ pub async fn read_body(req: hyper::Request<Incoming>, limit: usize, timeout: Dur
     }
 }
 
-/// The bearer token of `Authorization`, if any.
-pub fn bearer(req: &hyper::Request<Incoming>) -> Option<&str> {
-    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+/// The bearer token of `Authorization`, if any. Two `Authorization` headers are a
+/// 400: which one a proxy or a client library forwards differs, so neither is
+/// taken.
+pub fn bearer(req: &hyper::Request<Incoming>) -> Result<Option<&str>, ApiError> {
+    let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request("more than one Authorization header"));
+    }
+    let Ok(value) = value.to_str() else { return Ok(None) };
+    let Some((scheme, token)) = value.split_once(' ') else { return Ok(None) };
+    Ok(scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()))
 }
 
 /// Parses a JSON body into `T`, with serde's message (which names the field).
@@ -164,13 +177,22 @@ pub fn engine_error(e: EngineError) -> ApiError {
             ApiError::bad_request(msg).with_code("context_length_exceeded")
         }
         EngineError::OverBudget { .. } => ApiError::unavailable(msg),
+        EngineError::OverQuota { needed, quota } if needed > quota => {
+            ApiError::bad_request(msg).with_code("context_length_exceeded")
+        }
+        EngineError::OverQuota { .. } | EngineError::TenantBusy { .. } => ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", msg).with_code("tenant_limit")
+        },
         EngineError::SessionBusy | EngineError::StaleEpoch { .. } => ApiError {
             retry_after: Some(1),
             ..ApiError::new(StatusCode::CONFLICT, "invalid_request_error", msg).with_code("session_busy")
         },
         EngineError::TenantDeleted => ApiError::unauthorized(),
+        EngineError::Invalid(InvalidRequest::TooLong { .. }) => {
+            ApiError::bad_request(msg).with_code("context_length_exceeded")
+        }
         EngineError::Invalid(_) => ApiError::bad_request(msg),
-        EngineError::PromptTooLong { .. } => ApiError::bad_request(msg).with_code("context_length_exceeded"),
         EngineError::Model(_) => ApiError::internal(msg),
     }
 }

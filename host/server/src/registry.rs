@@ -10,6 +10,14 @@
 //! only `blake3::keyed_hash(K, key)` with K derived from the master secret, so the
 //! database alone lets nobody authenticate, and a leaked database with another
 //! server's master secret matches nothing.
+//!
+//! A tenant's frames are derived from its `key_id`, 128 random bits drawn when it
+//! is created, never from its name: a name deleted and created again is another
+//! tenant, with other frames, and whatever the old one left behind (a swapped-out
+//! page, a core dump) stays unreadable to it. Its numeric id, from a counter that
+//! only grows, is never reused either. Tenants created before key ids existed keep
+//! the frames they have: their key id is their name, the derivation input they
+//! were created with (key ids of new tenants start with `t:`, which no name holds).
 
 use kframe_core::keys::MasterSecret;
 use kframe_engine::Tenant;
@@ -40,7 +48,7 @@ pub enum RegistryError {
     Exists(String),
     #[error("no tenant `{0}`")]
     NotFound(String),
-    #[error("invalid tenant name `{0}`: use 1 to 64 of A-Z a-z 0-9 _ . -")]
+    #[error("invalid tenant name `{0}`: use 1 to 64 of A-Z a-z 0-9 _ . -, other than `.` and `..`")]
     InvalidName(String),
     #[error("tenant database {path}: {reason}")]
     Storage { path: PathBuf, reason: String },
@@ -56,12 +64,21 @@ pub struct TenantRecord {
     /// Hex of the keyed hash of the tenant's api key.
     pub key_hash: String,
     pub created_unix: u64,
+    /// What the tenant's frames are derived from (see the module docs). Empty in
+    /// records written before key ids existed; `Registry::open` fills it in.
+    #[serde(default)]
+    pub key_id: String,
 }
 
 impl TenantRecord {
     pub fn tenant(&self) -> Tenant {
-        Tenant { id: self.id, name: self.name.clone(), epoch: self.epoch, tier: self.tier }
+        Tenant { id: self.id, key_id: self.key_id.clone(), epoch: self.epoch, tier: self.tier }
     }
+}
+
+/// A new tenant's frame identity: `t:` and 128 random bits in hex.
+fn new_key_id() -> String {
+    format!("t:{}", &random_token("")[..32])
 }
 
 /// An operator's policy component, kept so that a restart runs the same policies.
@@ -77,6 +94,8 @@ struct Mirror {
     by_name: HashMap<String, TenantRecord>,
     /// key hash -> tenant name
     by_key: HashMap<[u8; 32], String>,
+    /// numeric id -> tenant name
+    by_id: HashMap<u64, String>,
 }
 
 pub struct Registry {
@@ -115,12 +134,28 @@ impl Registry {
         let tx = self.db.begin_read().map_err(|e| self.storage(e))?;
         let table = tx.open_table(TENANTS).map_err(|e| self.storage(e))?;
         let mut mirror = Mirror::default();
+        let mut migrated = Vec::new();
         for row in table.iter().map_err(|e| self.storage(e))? {
             let (_, value) = row.map_err(|e| self.storage(e))?;
-            let record: TenantRecord = serde_json::from_slice(value.value()).map_err(|e| self.storage(e))?;
+            let mut record: TenantRecord = serde_json::from_slice(value.value()).map_err(|e| self.storage(e))?;
+            if record.key_id.is_empty() {
+                // Created before key ids: keep the frames it has.
+                record.key_id = record.name.clone();
+                migrated.push(record.clone());
+            }
             let hash = decode_hash(&record.key_hash).ok_or_else(|| self.storage("a tenant's key hash is not hex"))?;
             mirror.by_key.insert(hash, record.name.clone());
+            mirror.by_id.insert(record.id, record.name.clone());
             mirror.by_name.insert(record.name.clone(), record);
+        }
+        drop((table, tx));
+        if !migrated.is_empty() {
+            let tx = self.db.begin_write().map_err(|e| self.storage(e))?;
+            for record in &migrated {
+                self.put(&tx, record)?;
+            }
+            tx.commit().map_err(|e| self.storage(e))?;
+            tracing::info!(tenants = migrated.len(), "registry migrated: existing tenants keep their frames");
         }
         *self.mirror.write().expect("registry lock") = mirror;
         Ok(())
@@ -155,12 +190,14 @@ impl Registry {
                 created_unix: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
+                key_id: new_key_id(),
             };
             self.put(&tx, &record)?;
             record
         };
         tx.commit().map_err(|e| self.storage(e))?;
         mirror.by_key.insert(hash, name.to_owned());
+        mirror.by_id.insert(record.id, name.to_owned());
         mirror.by_name.insert(name.to_owned(), record.clone());
         Ok((record, api_key))
     }
@@ -182,6 +219,13 @@ impl Registry {
 
     pub fn get(&self, name: &str) -> Option<TenantRecord> {
         self.mirror.read().expect("registry lock").by_name.get(name).cloned()
+    }
+
+    /// The tenant with numeric id `id`, as it is now: None once it is deleted (ids
+    /// are never reused, so a name created again is not found under the old id).
+    pub fn get_by_id(&self, id: u64) -> Option<TenantRecord> {
+        let mirror = self.mirror.read().expect("registry lock");
+        mirror.by_id.get(&id).and_then(|name| mirror.by_name.get(name)).cloned()
     }
 
     pub fn list(&self) -> Vec<TenantRecord> {
@@ -207,6 +251,7 @@ impl Registry {
         tx.commit().map_err(|e| self.storage(e))?;
         mirror.by_name.remove(name);
         mirror.by_key.retain(|_, n| n != name);
+        mirror.by_id.remove(&record.id);
         Ok(record)
     }
 
@@ -279,8 +324,13 @@ impl Registry {
     }
 }
 
+/// 1 to 64 of A-Z a-z 0-9 _ . -, and not `.` or `..`: a name a URL path carries
+/// unchanged (clients normalise dot segments away).
 fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && name != "."
+        && name != ".."
 }
 
 /// A fresh random token: `prefix` then 64 hex digits (256 bits).
@@ -357,5 +407,49 @@ mod tests {
         assert!(matches!(r.create("a", 0), Err(RegistryError::Exists(_))));
         assert!(matches!(r.delete("zed"), Err(RegistryError::NotFound(_))));
         assert!(r.authenticate("kf-00").is_none());
+    }
+
+    #[test]
+    fn a_name_created_again_gets_a_new_key_id_and_id_and_the_old_id_finds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = open(dir.path());
+        let (old, _) = r.create("carol", 0).unwrap();
+        r.delete("carol").unwrap();
+        let (new, _) = r.create("carol", 0).unwrap();
+        assert!(old.key_id.starts_with("t:") && old.key_id.len() == 34, "{}", old.key_id);
+        assert_ne!(old.key_id, new.key_id);
+        assert_ne!(old.id, new.id);
+        assert!(r.get_by_id(old.id).is_none());
+        assert_eq!(r.get_by_id(new.id).unwrap().key_id, new.key_id);
+    }
+
+    #[test]
+    fn a_tenant_written_before_key_ids_keeps_its_name_as_its_key_id_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let r = open(dir.path());
+            let (mut record, _) = r.create("dave", 0).unwrap();
+            // As an older kframe wrote it: no key id.
+            record.key_id = String::new();
+            let mut json: serde_json::Value = serde_json::to_value(&record).unwrap();
+            json.as_object_mut().unwrap().remove("key_id");
+            let tx = r.db.begin_write().unwrap();
+            tx.open_table(TENANTS).unwrap().insert("dave", serde_json::to_vec(&json).unwrap().as_slice()).unwrap();
+            tx.commit().unwrap();
+        }
+        let r = open(dir.path());
+        assert_eq!(r.get("dave").unwrap().key_id, "dave", "the frames it was created with");
+        drop(r);
+        assert_eq!(open(dir.path()).get("dave").unwrap().key_id, "dave", "written back");
+    }
+
+    #[test]
+    fn dot_names_are_refused_as_a_url_path_would_not_carry_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = open(dir.path());
+        for name in [".", ".."] {
+            assert!(matches!(r.create(name, 0), Err(RegistryError::InvalidName(_))), "{name}");
+        }
+        r.create("a.b", 0).unwrap();
     }
 }

@@ -34,7 +34,11 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     }
     match (method, segments.as_slice()) {
         (Method::GET, ["health"]) => Ok(health(app)),
-        (Method::GET, ["metrics"]) => Ok(metrics(app)),
+        (Method::GET, ["metrics"]) => Ok(metrics(app, Scope::Public)),
+        (Method::GET, ["admin", "metrics"]) => {
+            admin(app, &req)?;
+            Ok(metrics(app, Scope::Admin))
+        }
         (Method::GET, ["v1", "models"]) => {
             tenant_or_admin(app, &req)?;
             Ok(models(app))
@@ -42,7 +46,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         (Method::POST, ["v1", "completions"]) => generate(app, req, Endpoint::Completions).await,
         (Method::POST, ["v1", "chat", "completions"]) => generate(app, req, Endpoint::Chat).await,
         (Method::POST, ["v1", "sessions"]) => new_session(app, &req),
-        (Method::DELETE, ["v1", "sessions", id]) => end_session(app, &req, id),
+        (Method::DELETE, ["v1", "sessions", id]) => end_session(app, &req, id).await,
         (Method::POST, ["admin", "tenants"]) => create_tenant(app, req).await,
         (Method::GET, ["admin", "tenants"]) => {
             admin(app, &req)?;
@@ -62,7 +66,10 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         (Method::POST, ["admin", "prefixes"]) => register_prefix(app, req).await,
         (Method::GET, ["admin", "isolation-events"]) => isolation_events(app, &req),
         (_, ["health" | "metrics"] | ["v1", "models" | "completions" | "sessions"] | ["v1", "chat", "completions"])
-        | (_, ["v1", "sessions", _] | ["admin", "tenants" | "policies" | "prefixes" | "isolation-events"])
+        | (
+            _,
+            ["v1", "sessions", _] | ["admin", "tenants" | "policies" | "prefixes" | "isolation-events" | "metrics"],
+        )
         | (_, ["admin", "tenants" | "policies", _] | ["admin", "tenants", _, "rekey"]) => {
             Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method not allowed here"))
         }
@@ -70,15 +77,29 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     }
 }
 
+/// Live and ready, or draining: nothing about tenants, which an unauthenticated
+/// caller must not learn.
 fn health(app: &App) -> Response<Body> {
     if app.draining() {
         return json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"status": "draining"}));
     }
-    json_response(StatusCode::OK, &json!({"status": "ok", "model": app.model_id, "tenants": app.registry.len()}))
+    json_response(StatusCode::OK, &json!({"status": "ok", "model": app.model_id}))
 }
 
-/// Prometheus text format: the engine's metrics, tenants, responses by status.
-fn metrics(app: &App) -> Response<Body> {
+/// Who reads the metrics.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Anyone (`/metrics`): gauges and counters over the whole server only. Per
+    /// tenant figures (cache bytes by tenant, the tenant count) would tell anyone
+    /// when each tenant is active and how long its prompts are.
+    Public,
+    /// The operator (`/admin/metrics`, admin token): everything.
+    Admin,
+}
+
+/// Prometheus text format: the engine's metrics, sessions, responses by status;
+/// for the operator also tenants and cache bytes per tenant.
+fn metrics(app: &App, scope: Scope) -> Response<Body> {
     use std::fmt::Write;
     let engine = app.engine.metrics();
     let by_tenant: Vec<(String, f64)> =
@@ -91,7 +112,10 @@ fn metrics(app: &App) -> Response<Body> {
             let _ = writeln!(out, "kframe_{name}{labels} {v}");
         }
     };
-    metric("tenants", "gauge", "Registered tenants.", &[(String::new(), app.registry.len() as f64)]);
+    if scope == Scope::Admin {
+        metric("tenants", "gauge", "Registered tenants.", &[(String::new(), app.registry.len() as f64)]);
+        metric("engine_tenant_cache_bytes", "gauge", "Cache bytes held per tenant id.", &by_tenant);
+    }
     let sessions = app.sessions.lock().expect("session lock").len();
     metric("sessions", "gauge", "Open sessions.", &[(String::new(), sessions as f64)]);
     let by_status: Vec<(String, f64)> = app
@@ -116,9 +140,12 @@ fn metrics(app: &App) -> Response<Body> {
         "pad_overflow",
         "plugin_failures",
     ];
-    metric("engine_tenant_cache_bytes", "gauge", "Cache bytes held per tenant id.", &by_tenant);
     for (name, value) in snapshot.as_object().into_iter().flatten() {
         let Some(v) = value.as_f64() else { continue };
+        // Active tenants is a count of tenants: the operator's.
+        if name == "active_tenants" && scope == Scope::Public {
+            continue;
+        }
         if COUNTERS.contains(&name.as_str()) {
             metric(&format!("engine_{name}_total"), "counter", "Engine counter.", &[(String::new(), v)]);
         } else {
@@ -136,11 +163,11 @@ fn models(app: &App) -> Response<Body> {
 }
 
 fn tenant(app: &App, req: &Request<Incoming>) -> Result<TenantRecord, ApiError> {
-    bearer(req).and_then(|key| app.registry.authenticate(key)).ok_or_else(ApiError::unauthorized)
+    bearer(req)?.and_then(|key| app.registry.authenticate(key)).ok_or_else(ApiError::unauthorized)
 }
 
 fn admin(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
-    match bearer(req) {
+    match bearer(req)? {
         Some(token) if app.is_admin(token) => Ok(()),
         _ => Err(ApiError::unauthorized()),
     }
@@ -151,7 +178,7 @@ fn tenant_or_admin(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
 }
 
 fn public(t: &TenantRecord) -> serde_json::Value {
-    json!({"id": t.id, "name": t.name, "epoch": t.epoch, "tier": t.tier, "created": t.created_unix})
+    json!({"id": t.id, "name": t.name, "key_id": t.key_id, "epoch": t.epoch, "tier": t.tier, "created": t.created_unix})
 }
 
 fn registry_error(e: RegistryError) -> ApiError {
@@ -185,16 +212,19 @@ fn new_session(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, Api
     Ok(json_response(StatusCode::CREATED, &json!({"id": id, "object": "session"})))
 }
 
-fn end_session(app: &App, req: &Request<Incoming>, id: &str) -> Result<Response<Body>, ApiError> {
+/// Ends a session: the id stops working, and the engine zeroes and frees its cache
+/// at once (or when the request using it ends).
+async fn end_session(app: &App, req: &Request<Incoming>, id: &str) -> Result<Response<Body>, ApiError> {
     let t = tenant(app, req)?;
-    let mut sessions = app.sessions.lock().expect("session lock");
-    match sessions.get(id) {
-        Some(&owner) if owner == t.id => {
-            sessions.remove(id);
-            Ok(json_response(StatusCode::OK, &json!({"id": id, "deleted": true})))
-        }
-        _ => Err(unknown_session(id)),
+    {
+        let mut sessions = app.sessions.lock().expect("session lock");
+        match sessions.get(id) {
+            Some(&owner) if owner == t.id => sessions.remove(id),
+            _ => return Err(unknown_session(id)),
+        };
     }
+    app.engine.end_session(t.id, id.to_owned()).await.map_err(engine_error)?;
+    Ok(json_response(StatusCode::OK, &json!({"id": id, "deleted": true})))
 }
 
 /// The same answer for a session that never existed and for another tenant's,
@@ -249,8 +279,21 @@ fn job(app: &App, prompt: Vec<u32>, s: Sampling, default_max: usize) -> Result<J
     Ok(Job { prompt, params, stops, stream: s.stream, session: s.session })
 }
 
-fn encode(app: &App, text: &str) -> Result<Vec<u32>, ApiError> {
-    let enc = app.tokenizer.encode(text, false).map_err(|e| ApiError::bad_request(format!("tokenizing: {e}")))?;
+/// Tokenizes `text` on the blocking pool, so that a large prompt never stalls the
+/// async workers (and with them `/health` and every other request); first refuses
+/// a text that cannot fit the prompt limit whatever its tokens (each token is at
+/// most `max_token_bytes` long), without tokenizing it at all.
+async fn encode(app: &App, text: String) -> Result<Vec<u32>, ApiError> {
+    let limit = app.max_prompt_tokens;
+    if text.len() > limit.saturating_mul(app.max_token_bytes) {
+        let msg = format!("the prompt's {} bytes cannot fit in {limit} tokens", text.len());
+        return Err(ApiError::bad_request(msg).with_code("context_length_exceeded"));
+    }
+    let tokenizer = app.tokenizer.clone();
+    let enc = tokio::task::spawn_blocking(move || tokenizer.encode(text.as_str(), false))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?
+        .map_err(|e| ApiError::bad_request(format!("tokenizing: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }
 
@@ -266,8 +309,8 @@ async fn generate(app: &Arc<App>, req: Request<Incoming>, endpoint: Endpoint) ->
         Endpoint::Completions => {
             let r: CompletionRequest = parse_json(&body)?;
             let prompt = match r.prompt {
-                Prompt::Text(t) => encode(app, &t)?,
-                Prompt::Texts(v) if v.len() == 1 => encode(app, &v[0])?,
+                Prompt::Text(t) => encode(app, t).await?,
+                Prompt::Texts(mut v) if v.len() == 1 => encode(app, v.remove(0)).await?,
                 Prompt::Texts(_) => return Err(ApiError::bad_request("prompt: kframe takes one prompt per request")),
                 Prompt::Tokens(ids) => ids,
             };
@@ -286,7 +329,7 @@ async fn generate(app: &Arc<App>, req: Request<Incoming>, endpoint: Endpoint) ->
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(ApiError::bad_request)?;
             let text = app.template.render(&messages).map_err(ApiError::bad_request)?;
-            let prompt = encode(app, &text)?;
+            let prompt = encode(app, text).await?;
             let room = app.context_window.saturating_sub(prompt.len());
             job(app, prompt, r.sampling, room)?
         }
@@ -302,8 +345,10 @@ async fn generate(app: &Arc<App>, req: Request<Incoming>, endpoint: Endpoint) ->
     }
     let mut events = {
         let _epoch = app.rekey.read().await;
-        // The record as of now: a re-key may have finished while the body arrived.
-        let record = app.registry.get(&record.name).ok_or_else(ApiError::unauthorized)?;
+        // The record as of now, by the id the key authenticated: a re-key may have
+        // finished while the body arrived (the epoch moves on), or a delete (the id
+        // is gone for good, even if the name was created again).
+        let record = app.registry.get_by_id(record.id).ok_or_else(ApiError::unauthorized)?;
         app.engine.submit(Submit {
             tenant: record.tenant(),
             session: job.session.clone(),
@@ -444,7 +489,7 @@ async fn register_prefix(app: &Arc<App>, req: Request<Incoming>) -> Result<Respo
     admin(app, &req)?;
     let body = read_body(req, app.limits.max_body_bytes, app.limits.body_timeout).await?;
     let new: NewPrefix = parse_json(&body)?;
-    let tokens = encode(app, &new.text)?;
+    let tokens = encode(app, new.text.clone()).await?;
     let info = app.engine.register_prefix(tokens).await.map_err(engine_error)?;
     app.registry.add_prefix(&new.text).map_err(registry_error)?;
     Ok(json_response(StatusCode::CREATED, &json!(info)))
@@ -456,17 +501,22 @@ fn query_param<B>(req: &Request<B>, key: &str) -> Option<String> {
     query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| percent_decode(v))
 }
 
-/// The most recent isolation events, newest last; `?tenant=` keeps one tenant's
-/// and `?limit=` (default 100) the last so many.
+/// The most recent isolation events, newest last; `?tenant=NAME` keeps one
+/// tenant's and `?limit=` (default 100) the last so many. An event's `tenant` is the
+/// reader's frame identity (its `key_id` in the tenant list), never a name.
 fn isolation_events(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     admin(app, req)?;
     let limit = match query_param(req, "limit") {
         None => 100,
         Some(v) => v.parse::<usize>().map_err(|_| ApiError::bad_request(format!("limit={v:?} is not a count")))?,
     };
-    let tenant = query_param(req, "tenant");
+    // Events name the reader by its frame identity; the operator asks by name.
+    let key_id = match query_param(req, "tenant") {
+        None => None,
+        Some(name) => Some(app.registry.get(&name).map_or_else(|| format!("no tenant {name}"), |t| t.key_id)),
+    };
     let events: Vec<_> =
-        app.engine.isolation_events().into_iter().filter(|e| tenant.as_ref().is_none_or(|t| &e.tenant == t)).collect();
+        app.engine.isolation_events().into_iter().filter(|e| key_id.as_ref().is_none_or(|k| &e.tenant == k)).collect();
     let shown = &events[events.len().saturating_sub(limit)..];
     Ok(json_response(StatusCode::OK, &json!({"events": shown, "total": app.engine.metrics().isolation_events})))
 }

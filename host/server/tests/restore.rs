@@ -20,6 +20,7 @@ fn app(model: &TinyModel, data: &Path) -> App {
         tokenizer: bundle.tokenizer.clone(),
         chat_template: None,
         context_window: bundle.model.config().max_position_embeddings,
+        max_prompt_tokens: usize::MAX,
     };
     let policies = Arc::new(PolicySet::new(PluginRuntime::new(Limits::default(), None).unwrap()));
     let engine = Engine::start(bundle, MasterSecret::from_bytes(MASTER), policies, EngineConfig::default());

@@ -4,7 +4,7 @@ use crate::args::ServeArgs;
 use crate::model::load;
 use kframe_core::keys::{self, MasterSecret};
 use kframe_core::layout::Padding;
-use kframe_engine::{Engine, EngineConfig};
+use kframe_engine::{Engine, EngineConfig, TenantLimits};
 use kframe_policy::{Limits, PluginRuntime, PolicySet};
 use kframe_server::{self as server, App, Served};
 use std::io::Write;
@@ -33,6 +33,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_batch: args.max_batch,
         max_prompt_tokens: args.max_prompt_tokens,
         padding,
+        tenant_limits: TenantLimits { cache_bytes: args.tenant_cache_bytes, requests: args.tenant_requests },
         ..EngineConfig::default()
     };
     let limits = server::Limits {
@@ -47,6 +48,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokenizer: bundle.tokenizer.clone(),
         chat_template: dir.chat_template.clone(),
         context_window: cfg.max_position_embeddings,
+        max_prompt_tokens: args.max_prompt_tokens,
     };
     // The engine keeps one copy of the master secret (tenant frames, block tags),
     // the server another (api key and admin token hashes).
