@@ -511,10 +511,8 @@ fn isolation_events(app: &App, req: &Request<Incoming>) -> Result<Response<Body>
         Some(v) => v.parse::<usize>().map_err(|_| ApiError::bad_request(format!("limit={v:?} is not a count")))?,
     };
     // Events name the reader by its frame identity; the operator asks by name.
-    let key_id = match query_param(req, "tenant") {
-        None => None,
-        Some(name) => Some(app.registry.get(&name).map_or_else(|| format!("no tenant {name}"), |t| t.key_id)),
-    };
+    let key_id = query_param(req, "tenant")
+        .map(|name| app.registry.get(&name).map_or_else(|| format!("no tenant {name}"), |t| t.key_id));
     let events: Vec<_> =
         app.engine.isolation_events().into_iter().filter(|e| key_id.as_ref().is_none_or(|k| &e.tenant == k)).collect();
     let shown = &events[events.len().saturating_sub(limit)..];
