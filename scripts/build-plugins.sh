@@ -21,3 +21,5 @@ cargo build --quiet --release --target wasm32-wasip2 --manifest-path examples/mo
 # A policy built for a WIT version kframe does not load, for the tests that check
 # it is refused.
 cargo build --quiet --release --target wasm32-wasip2 --manifest-path host/policy/tests/fixtures/other-version/Cargo.toml
+# A policy built for the WIT version before the newest, which must still load.
+cargo build --quiet --release --target wasm32-wasip2 --manifest-path host/policy/tests/fixtures/policy-v0-2-0/Cargo.toml

@@ -285,7 +285,16 @@ pub fn plugins() -> anyhow::Result<PluginReport> {
         std::hint::black_box(mirror.lru_victims(3 * 4096));
     });
     let load = Load { active_sequences: 10, queued: 0, queue_limit: 64, cache_bytes: 1 << 20, cache_budget: 1 << 30 };
-    let req = Request { tenant: 1, tier: 0, prompt_tokens: 100, max_tokens: 100, bytes_needed: 1 << 16, now: 1 };
+    let req = Request {
+        tenant: 1,
+        tier: 0,
+        prompt_tokens: 100,
+        max_tokens: 100,
+        bytes_needed: 1 << 16,
+        now: 1,
+        tenant_running: 0,
+        tenant_queued: 0,
+    };
     let admission = median_us(samples, || {
         std::hint::black_box(set.admit(&req, &load));
     });

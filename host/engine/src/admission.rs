@@ -121,6 +121,8 @@ impl State {
             max_tokens: p.req.params.max_tokens as u32,
             bytes_needed: needed,
             now: self.now,
+            tenant_running: self.active.iter().filter(|s| s.tenant.id == tenant).count() as u32,
+            tenant_queued: self.waiting.iter().filter(|w| w.req.tenant.id == tenant).count() as u32,
         };
         // Idle sessions do not count as load: eviction can free them.
         let load = Load {

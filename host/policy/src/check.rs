@@ -22,7 +22,16 @@ pub fn validate(
     let kind = runtime.check(name, bytes)?;
     match kind {
         WorldKind::Policy(PolicyKind::Admission) => {
-            let req = Request { tenant: 0, tier: 0, prompt_tokens: 1, max_tokens: 1, bytes_needed: 1, now: 0 };
+            let req = Request {
+                tenant: 0,
+                tier: 0,
+                prompt_tokens: 1,
+                max_tokens: 1,
+                bytes_needed: 1,
+                now: 0,
+                tenant_running: 0,
+                tenant_queued: 0,
+            };
             let load = Load { active_sequences: 0, queued: 0, queue_limit: 1, cache_bytes: 0, cache_budget: 1 << 30 };
             runtime.load::<AdmissionWorld>(name, bytes, config)?.call(
                 |_, _| Ok(()),

@@ -26,7 +26,7 @@ pub enum Failure {
     UnsupportedVersion {
         package: String,
         found: String,
-        supported: &'static str,
+        supported: String,
     },
     InvalidAnswer(String),
     /// Its `configure` refused the operator's configuration.

@@ -4,7 +4,7 @@
 use crate::versions;
 use std::fmt;
 
-/// The serving policies' worlds, of `kframe:policy@0.2.0`.
+/// The serving policies' worlds, of the `kframe:policy` package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyKind {

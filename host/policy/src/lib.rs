@@ -2,7 +2,8 @@
 //!
 //! Operators swap kframe's admission, eviction and depth-gate policies at run time
 //! by handing it a component that implements one world of `wit/policy`
-//! (`kframe:policy@0.2.0`). A component is compiled and validated off the serving
+//! (`kframe:policy@0.3.0`, or 0.2.0 through conversions). A component is compiled
+//! and validated off the serving
 //! path, then swapped in atomically; calls in flight finish on the old one. The
 //! eval harness runs adversaries, components of the `kframe:probe` world, under the
 //! same sandbox.

@@ -2,13 +2,12 @@
 //! fallback behind each, atomic swaps, and counts of what decided.
 
 use crate::bindings::types::{Admission, Entry, LayerGate, Load, ModelShape, Request};
-use crate::bindings::EvictionPolicy;
 use crate::error::PluginError;
 use crate::fallback;
 use crate::kind::PolicyKind;
 use crate::runtime::{Loaded, PluginRuntime};
 use crate::sandbox::Sandbox;
-use crate::world::{AdmissionWorld, DepthGateWorld, EvictionWorld, World};
+use crate::world::{AdmissionWorld, DepthGateWorld, EvictionBindings, EvictionWorld, World};
 use kframe_entries::EntryTable;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -114,7 +113,7 @@ pub struct PolicySet {
 /// Replays the host's entries into a fresh eviction instance.
 fn replay(
     mirror: &EntryTable,
-) -> impl FnOnce(&EvictionPolicy, &mut wasmtime::Store<Sandbox>) -> wasmtime::Result<()> + '_ {
+) -> impl FnOnce(&EvictionBindings, &mut wasmtime::Store<Sandbox>) -> wasmtime::Result<()> + '_ {
     move |b, store| {
         for t in mirror.iter() {
             b.call_on_insert(&mut *store, t.entry.into())?;
@@ -198,7 +197,7 @@ impl PolicySet {
     /// here is counted; the next call rebuilds the plugin from the record.
     fn event(
         &self,
-        f: impl Fn(&EvictionPolicy, &mut wasmtime::Store<Sandbox>) -> wasmtime::Result<()>,
+        f: impl Fn(&EvictionBindings, &mut wasmtime::Store<Sandbox>) -> wasmtime::Result<()>,
         apply: impl FnOnce(&mut EntryTable),
     ) {
         let mut mirror = self.mirror.lock().expect("mirror lock");

@@ -9,18 +9,26 @@
 //! version: it must load them through an adapter or refuse them by name, never
 //! drop them silently.
 //!
-//! Today each package has one version. Supporting a second means: freeze the new
-//! folder, generate its bindings beside the old ones in [`crate::bindings`], and
-//! add an adapter that presents the old world's instance as the newest world
-//! (converting records field by field), selected here by the declared version.
+//! The policy package has two versions: 0.3.0 (the newest: an admission request
+//! carries the tenant's running and queued counts) and 0.2.0. A new version means:
+//! freeze its folder, generate its bindings beside the others in
+//! [`crate::bindings`], convert the records of the versions before it, and let
+//! [`crate::world`] pick a component's version when it type-checks it.
 
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
-/// The policy package and the one version of it this host loads.
-pub const POLICY: &str = "kframe:policy@0.2.0";
+/// The policy package and the newest version of it, the one this host speaks.
+pub const POLICY: &str = "kframe:policy@0.3.0";
+
+/// Every version of the policy package this host loads, newest first: older ones
+/// through the conversions of `bindings::to_v0_2`.
+pub const POLICY_VERSIONS: &[&str] = &["0.3.0", "0.2.0"];
 /// The adversary package and the one version of it this host loads.
 pub const PROBE: &str = "kframe:probe@0.1.0";
+
+/// Every version of the adversary package this host loads.
+pub const PROBE_VERSIONS: &[&str] = &["0.1.0"];
 
 /// The kframe packages a component's imports name, with their versions, as
 /// `(package, version)` (for example `("kframe:policy", "0.2.0")`).
@@ -40,11 +48,15 @@ pub fn declared(engine: &Engine, component: &Component) -> Vec<(String, String)>
 }
 
 /// The first declared kframe package version this host does not load, as
-/// `(package, found, supported)`.
-pub fn unsupported(engine: &Engine, component: &Component) -> Option<(String, String, &'static str)> {
+/// `(package, found, what it loads)`.
+pub fn unsupported(engine: &Engine, component: &Component) -> Option<(String, String, String)> {
     declared(engine, component).into_iter().find_map(|(package, version)| {
-        let supported = [POLICY, PROBE].into_iter().find(|s| s.split_once('@').map(|(p, _)| p) == Some(&package))?;
-        let loads = supported.split_once('@').map(|(_, v)| v) == Some(version.as_str());
-        (!loads).then_some((package, version, supported))
+        let loads = match package.as_str() {
+            "kframe:policy" => POLICY_VERSIONS,
+            "kframe:probe" => PROBE_VERSIONS,
+            _ => return None,
+        };
+        let supported = loads.iter().map(|v| format!("{package}@{v}")).collect::<Vec<_>>().join(" or ");
+        (!loads.contains(&version.as_str())).then_some((package, version, supported))
     })
 }

@@ -143,7 +143,16 @@ fn load(cache_bytes: u64, queued: u32) -> Load {
 }
 
 fn request(tier: u8, bytes_needed: u64) -> Request {
-    Request { tenant: 1, tier, prompt_tokens: 10, max_tokens: 10, bytes_needed, now: 1 }
+    Request {
+        tenant: 1,
+        tier,
+        prompt_tokens: 10,
+        max_tokens: 10,
+        bytes_needed,
+        now: 1,
+        tenant_running: 0,
+        tenant_queued: 0,
+    }
 }
 
 #[test]
@@ -349,12 +358,48 @@ fn a_component_built_for_another_wit_version_is_refused_naming_both_versions() {
     let want = Failure::UnsupportedVersion {
         package: "kframe:policy".into(),
         found: "0.1.0".into(),
-        supported: kframe_policy::versions::POLICY,
+        supported: "kframe:policy@0.3.0 or kframe:policy@0.2.0".into(),
     };
     assert_eq!(err.failure, want);
-    assert!(err.to_string().contains("0.1.0") && err.to_string().contains("kframe:policy@0.2.0"), "{err}");
+    assert!(err.to_string().contains("0.1.0") && err.to_string().contains("kframe:policy@0.3.0"), "{err}");
     let rt = runtime(relaxed());
     let lru = wasmtime::component::Component::new(rt.engine(), bytes("lru")).unwrap();
     let declared = kframe_policy::versions::declared(rt.engine(), &lru);
-    assert_eq!(declared, vec![("kframe:policy".to_owned(), "0.2.0".to_owned())]);
+    assert_eq!(declared, vec![("kframe:policy".to_owned(), "0.3.0".to_owned())]);
+}
+
+/// A component built for kframe:policy@0.2.0 (whose `request` has no per-tenant
+/// counts) still loads and decides: the host converts the newest records for it.
+#[test]
+fn a_component_built_for_the_previous_wit_version_still_loads_and_decides() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/policy-v0-2-0/target/wasm32-wasip2/release/kframe_policy_v0_2_0.wasm");
+    let old = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; run scripts/build-plugins.sh", path.display()));
+    let rt = runtime(relaxed());
+    let component = wasmtime::component::Component::new(rt.engine(), &old).unwrap();
+    assert_eq!(
+        kframe_policy::versions::declared(rt.engine(), &component),
+        vec![("kframe:policy".into(), "0.2.0".into())]
+    );
+    assert_eq!(rt.check("old", &old).unwrap(), WorldKind::Policy(PolicyKind::Admission));
+    let set = PolicySet::new(runtime(relaxed()));
+    set.swap(PolicyKind::Admission, "old", &old, "").unwrap();
+    let load = Load { active_sequences: 0, queued: 0, queue_limit: 8, cache_bytes: 0, cache_budget: 1 << 30 };
+    let short = Request { prompt_tokens: 10, tenant_running: 3, tenant_queued: 2, ..request(0, 1) };
+    let d = set.admit(&short, &load);
+    plugin_decided(&d);
+    assert_eq!(d.value, Admission::Admit);
+    let long = Request { prompt_tokens: 200, ..short };
+    assert_eq!(set.admit(&long, &load).value, Admission::Reject("200 prompt tokens, built for 0.2.0".into()));
+}
+
+/// The newest world carries each tenant's running and queued counts, so a
+/// component can give each tenant its share: `capacity per_tenant=2`.
+#[test]
+fn the_admission_world_sees_the_tenants_own_counts_and_capacity_queues_past_its_share() {
+    let set = set_with(PolicyKind::Admission, "capacity", "per_tenant=2");
+    let load = Load { active_sequences: 3, queued: 0, queue_limit: 8, cache_bytes: 0, cache_budget: 1 << 30 };
+    let mine = |running| Request { tenant_running: running, ..request(0, 1) };
+    assert_eq!(set.admit(&mine(1), &load).value, Admission::Admit);
+    assert_eq!(set.admit(&mine(2), &load).value, Admission::Queue, "two of its own already run");
 }

@@ -1,21 +1,25 @@
 //! Admits while the cache budget and the active-sequence limit allow, queues while
 //! the queue has room, and rejects beyond. `max_active=N` (default 256); a request
-//! that could never fit the cache budget is rejected outright.
+//! that could never fit the cache budget is rejected outright. `per_tenant=N`
+//! (default 0, no limit) queues a tenant's request while N of its own run, so that
+//! each tenant gets its share of the running slots.
 use kframe_policy_sdk::{config_number, register_admission, Admission, AdmissionPolicy, Load, Request};
 
 struct Capacity {
     max_active: u64,
+    per_tenant: u64,
 }
 
 impl Default for Capacity {
     fn default() -> Self {
-        Self { max_active: 256 }
+        Self { max_active: 256, per_tenant: 0 }
     }
 }
 
 impl AdmissionPolicy for Capacity {
     fn configure(&mut self, config: &str) -> Result<(), String> {
         self.max_active = config_number(config, "max_active", 256)?;
+        self.per_tenant = config_number(config, "per_tenant", 0)?;
         Ok(())
     }
     fn decide(&mut self, req: Request, load: Load) -> Admission {
@@ -26,7 +30,8 @@ impl AdmissionPolicy for Capacity {
             ));
         }
         let fits = load.cache_bytes + req.bytes_needed <= load.cache_budget;
-        if fits && (load.active_sequences as u64) < self.max_active {
+        let own_share = self.per_tenant == 0 || (req.tenant_running as u64) < self.per_tenant;
+        if fits && own_share && (load.active_sequences as u64) < self.max_active {
             Admission::Admit
         } else if load.queued < load.queue_limit {
             Admission::Queue

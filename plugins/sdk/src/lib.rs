@@ -37,7 +37,7 @@ pub fn quiet_panics() {
 #[cfg(feature = "admission")]
 pub mod admission {
     wit_bindgen::generate!({
-        path: "../../wit/policy/v0.2.0",
+        path: "../../wit/policy/v0.3.0",
         world: "admission-policy",
         pub_export_macro: true,
         export_macro_name: "export_admission_world",
@@ -48,7 +48,7 @@ pub mod admission {
 #[cfg(feature = "eviction")]
 pub mod eviction {
     wit_bindgen::generate!({
-        path: "../../wit/policy/v0.2.0",
+        path: "../../wit/policy/v0.3.0",
         world: "eviction-policy",
         pub_export_macro: true,
         export_macro_name: "export_eviction_world",
@@ -59,7 +59,7 @@ pub mod eviction {
 #[cfg(feature = "depth-gate")]
 pub mod depth_gate {
     wit_bindgen::generate!({
-        path: "../../wit/policy/v0.2.0",
+        path: "../../wit/policy/v0.3.0",
         world: "depth-gate-policy",
         pub_export_macro: true,
         export_macro_name: "export_depth_gate_world",
