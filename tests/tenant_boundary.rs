@@ -270,6 +270,34 @@ fn extreme_sampling_parameters_never_get_a_500_or_a_backtrace() {
     }
 }
 
+/// Random sampling parameters, from tiny powers of ten to any finite f64: a 200
+/// or a 400 naming the field, never a 500 or a backtrace.
+#[test]
+fn random_sampling_parameters_never_get_a_500_or_a_backtrace() {
+    use proptest::prelude::*;
+    let f = fixture();
+    let server = Server::start_with_env(Some(&f.model), &f.data, &[], &[("RUST_BACKTRACE", "1")]);
+    let key = server.tenant("fuzz");
+    let number = || {
+        prop_oneof![
+            (-330i32..310).prop_map(|e| 10f64.powi(e)),
+            any::<f64>().prop_filter("JSON numbers are finite", |x| x.is_finite()),
+            0.0..=2.0f64,
+        ]
+    };
+    let config = proptest::test_runner::Config { cases: 64, failure_persistence: None, ..Default::default() };
+    proptest::proptest!(config, |(t in number(), p in proptest::option::of(number()), seed in any::<u64>())| {
+        let mut body = json!({"prompt": "x y", "max_tokens": 2, "temperature": t, "seed": seed});
+        if let Some(p) = p {
+            body["top_p"] = json!(p);
+        }
+        let r = complete(&server, &key, body.clone());
+        let text = r.text();
+        prop_assert!(r.status == 200 || r.status == 400, "{}: {} {}", body, r.status, text);
+        prop_assert!(!text.contains("backtrace") && !text.contains(".cargo/registry"), "{}: {}", body, text);
+    });
+}
+
 #[test]
 fn two_authorization_headers_are_a_400_and_dot_names_are_refused() {
     let f = fixture();
