@@ -16,6 +16,20 @@ fn complete(server: &Server, key: &str, body: Value) -> Resp {
     server.post("/v1/completions", key, &body)
 }
 
+/// A completion request from another thread (a `Server` stays on the test's).
+fn post_from_thread(addr: &str, key: &str, body: &str) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    common::read_response(&mut s)
+}
+
 fn cached_tokens(r: &Resp) -> u64 {
     r.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap()
 }
@@ -173,16 +187,7 @@ fn a_flooding_tenant_gets_429s_past_its_cap_and_another_tenants_short_request_st
             let (addr, key) = (addr.clone(), key.clone());
             std::thread::spawn(move || {
                 let body = json!({"prompt": "flood", "max_tokens": 400, "temperature": 0}).to_string();
-                let mut s = TcpStream::connect(&addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-                let head = format!(
-                    "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n\
-                     Content-Length: {}\r\n\r\n",
-                    body.len()
-                );
-                s.write_all(head.as_bytes()).unwrap();
-                s.write_all(body.as_bytes()).unwrap();
-                common::read_response(&mut s)
+                post_from_thread(&addr, &key, &body)
             })
         })
         .collect();
@@ -212,18 +217,7 @@ fn thirty_two_concurrent_megabyte_prompts_each_get_a_400_and_health_stays_prompt
     let senders: Vec<_> = (0..32)
         .map(|_| {
             let (addr, key, body) = (server.addr.clone(), key.clone(), body.clone());
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(&addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-                let head = format!(
-                    "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n\
-                     Content-Length: {}\r\n\r\n",
-                    body.len()
-                );
-                s.write_all(head.as_bytes()).unwrap();
-                s.write_all(body.as_bytes()).unwrap();
-                common::read_response(&mut s)
-            })
+            std::thread::spawn(move || post_from_thread(&addr, &key, &body))
         })
         .collect();
     let mut slowest = Duration::ZERO;
