@@ -21,6 +21,17 @@ export KFRAME_TEST_PYTHON="$PWD/target/pyenv/bin/python"
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN)}"
 cargo test --no-fail-fast
 # The numeric comparisons again on one compute thread, which splits every matmul
-# differently: their rounding bounds (kframe::model::rounding) must hold for any
-# summation order, not only the one this machine picks by default.
-RAYON_NUM_THREADS=1 cargo test --no-fail-fast -p kframe-model --test forward --test batch --test embedded --test padding
+# differently: their rounding bounds (kframe_model::rounding) must hold for any
+# summation order, not only the one this machine picks by default. The test
+# binaries just built are run as they are (a `cargo test -p` would resolve other
+# features and rebuild candle).
+numeric=$(cargo test --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("executable") and m["target"]["name"] in ("forward", "batch", "embedded", "padding"):
+        print(m["executable"])')
+[ "$(echo "$numeric" | wc -w)" -eq 4 ] || { echo "the numeric test binaries were not found" >&2; exit 1; }
+for bin in $numeric; do
+    (cd host/model && RAYON_NUM_THREADS=1 "$bin")
+done
