@@ -167,6 +167,10 @@ fn a_tenant_over_its_cache_quota_evicts_its_own_sessions_not_another_tenants() {
     let ask = format!("{b_prompt} bee");
     let r = complete(&server, &b, json!({"prompt": ask, "max_tokens": 1, "temperature": 0, "session": b_session}));
     assert!(cached_tokens(&r) >= 60, "a's sessions evicted b's: {}", r.text());
+    // About 960 tokens at 2 KiB each: within the budget, never within a's quota.
+    let r = complete(&server, &a, json!({"prompt": "ant ant", "max_tokens": 950, "temperature": 0}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded", "{}", r.text());
 }
 
 #[test]

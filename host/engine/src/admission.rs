@@ -151,11 +151,12 @@ impl State {
                 self.reject(p, EngineError::OverBudget { needed, budget: self.cfg.kv_budget });
                 return None;
             }
+            // With nothing of the tenant's running, its idle sessions can all make
+            // room (the one it continues is reused): only a request bigger than the
+            // quota itself can never fit.
             let own_running = self.active.iter().any(|s| s.tenant.id == tenant);
-            let own_bytes = self.ledger.tenant_bytes.get(&tenant).copied().unwrap_or(0);
-            if !own_running && never_fits(needed, quota, own_bytes) {
-                // Nothing of the tenant's is running or idle: this alone is over its quota.
-                self.reject(p, EngineError::OverQuota { needed, quota });
+            if !own_running && reserve > quota {
+                self.reject(p, EngineError::OverQuota { needed: reserve, quota });
                 return None;
             }
             if self.active.is_empty() && never_fits(needed, self.cfg.kv_budget, self.ledger.in_flight) {

@@ -74,6 +74,7 @@ pub enum EngineError {
     QueueFull(u32),
     #[error("the request needs {needed} cache bytes; the budget is {budget}")]
     OverBudget { needed: u64, budget: u64 },
+    /// Bigger than the tenant's cache quota: it can never run.
     #[error("the request needs {needed} cache bytes; the tenant may hold {quota}")]
     OverQuota { needed: u64, quota: u64 },
     #[error("the tenant has {limit} requests running or waiting, its limit")]
@@ -111,7 +112,6 @@ impl EngineError {
             self,
             EngineError::QueueFull(_)
                 | EngineError::OverBudget { .. }
-                | EngineError::OverQuota { .. }
                 | EngineError::TenantBusy { .. }
                 | EngineError::SessionBusy
                 | EngineError::Rejected(_)

@@ -177,10 +177,8 @@ pub fn engine_error(e: EngineError) -> ApiError {
             ApiError::bad_request(msg).with_code("context_length_exceeded")
         }
         EngineError::OverBudget { .. } => ApiError::unavailable(msg),
-        EngineError::OverQuota { needed, quota } if needed > quota => {
-            ApiError::bad_request(msg).with_code("context_length_exceeded")
-        }
-        EngineError::OverQuota { .. } | EngineError::TenantBusy { .. } => ApiError {
+        EngineError::OverQuota { .. } => ApiError::bad_request(msg).with_code("context_length_exceeded"),
+        EngineError::TenantBusy { .. } => ApiError {
             retry_after: Some(1),
             ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", msg).with_code("tenant_limit")
         },
