@@ -266,3 +266,18 @@ fn calibrate_writes_a_pad_calibration_that_eval_uses_and_a_malformed_one_is_a_cl
     let out = kframe(&[&args[..], &["--out", tmp.path().join("out").to_str().unwrap()]].concat());
     assert_clean_error(&out, "kframe-pad.json");
 }
+
+#[test]
+fn bench_peer_without_a_llama_cpp_build_says_how_to_make_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-llama");
+    let out = kframe(&[
+        "bench",
+        "peer",
+        "--llama-cpp",
+        missing.to_str().unwrap(),
+        "--work-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert_clean_error(&out, "scripts/bench-peer.sh");
+}

@@ -7,6 +7,7 @@
 //!   step, and `kframe bench plugins`, what a policy component's decision costs.
 //! - [`serve`]: the serving engine (shared prefill, batched decode, memory per
 //!   tenant, policy share). [`http`]: the server over loopback, in a child process.
+//!   [`peer`]: kframe against llama.cpp on the same model and machine.
 //!
 //! # Dependencies
 //!
@@ -21,9 +22,11 @@
 //! so drift on a noisy machine hits every variant alike.
 
 pub mod http;
+pub mod peer;
 pub mod serve;
 
 pub use http::{http, HttpBenchOptions, HttpReport};
+pub use peer::{peer, PeerBenchOptions, PeerReport};
 pub use serve::{serve, ServeBenchOptions, ServeReport};
 
 use candle_core::{DType, Device, Tensor};

@@ -152,21 +152,7 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     drop(frames);
 
     progress("decode through the engine: 1 and 32 concurrent tenants");
-    let policies = Arc::new(PolicySet::new(PluginRuntime::new(Limits::default(), None)?));
-    let plugins = [(PolicyKind::Admission, "capacity"), (PolicyKind::Eviction, "lru")];
-    let mut plugins_loaded = true;
-    for (kind, name) in plugins {
-        match std::fs::read(kframe_policy::shipped(name)) {
-            Ok(bytes) => policies.swap(kind, name, &bytes, "")?,
-            Err(_) => plugins_loaded = false,
-        }
-    }
-    // As `kframe serve` runs by default: norm padding (m = 32) on the layers the
-    // fallback depth gate pads, every layer verified.
-    let gen2 = ModelBundle::load(&dir, DType::F32, &Device::Cpu)?;
-    let padding = Padding { extra: DEFAULT_EXTRA, calibration: kframe_model::calibrate::calibration_for(&dir, &gen2)? };
-    let config = EngineConfig { padding: Some(padding), ..EngineConfig::default() };
-    let engine = Engine::start(gen2, MasterSecret::from_bytes(MASTER), policies, config);
+    let (engine, plugins_loaded) = serving_engine(&dir)?;
     // `n` tenants at once, `rounds` requests each, one after another: tok/s and the
     // share of that time inside policy components.
     let decode = |n: usize, rounds: usize| -> anyhow::Result<(f64, f64)> {
@@ -355,6 +341,26 @@ impl ServeReport {
             self.verify_all_overhead * 100.0,
         )
     }
+}
+
+/// An engine as `kframe serve` runs by default: the shipped capacity and lru
+/// components (when built; the second value says whether they were), norm padding
+/// (m = 32) on the layers the fallback depth gate pads, every layer verified.
+pub(crate) fn serving_engine(dir: &ModelDir) -> anyhow::Result<(Engine, bool)> {
+    let policies = Arc::new(PolicySet::new(PluginRuntime::new(Limits::default(), None)?));
+    let plugins = [(PolicyKind::Admission, "capacity"), (PolicyKind::Eviction, "lru")];
+    let mut plugins_loaded = true;
+    for (kind, name) in plugins {
+        match std::fs::read(kframe_policy::shipped(name)) {
+            Ok(bytes) => policies.swap(kind, name, &bytes, "")?,
+            Err(_) => plugins_loaded = false,
+        }
+    }
+    let bundle = ModelBundle::load(dir, DType::F32, &Device::Cpu)?;
+    let padding =
+        Padding { extra: DEFAULT_EXTRA, calibration: kframe_model::calibrate::calibration_for(dir, &bundle)? };
+    let config = EngineConfig { padding: Some(padding), ..EngineConfig::default() };
+    Ok((Engine::start(bundle, MasterSecret::from_bytes(MASTER), policies, config), plugins_loaded))
 }
 
 /// Reads one request's event stream to its end; the tokens it generated.

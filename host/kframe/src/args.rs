@@ -204,6 +204,22 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// kframe against llama.cpp on the embedded model, same machine, alternating
+    /// pairs: batch 1, 32 sequences and a 256-token prefill, after a greedy-token
+    /// check. scripts/bench-peer.sh builds llama.cpp and runs this. Both engines
+    /// use RAYON_NUM_THREADS threads when it is set, else one per CPU.
+    Peer {
+        #[arg(long)]
+        json: bool,
+        /// The folder with llama.cpp's llama-batched-bench and llama-server.
+        #[arg(long, default_value = "target/peer/llama.cpp/build/bin")]
+        llama_cpp: PathBuf,
+        /// Where the GGUF files are written.
+        #[arg(long, default_value = "target/peer")]
+        work_dir: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+    },
 }
 
 #[derive(Subcommand)]

@@ -26,5 +26,17 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let report = bench::plugins()?;
             print_report(&report, json, report.to_text())
         }
+        BenchCommand::Peer { json, llama_cpp, work_dir, pairs } => {
+            // kframe's matrix products run on rayon's pool, which reads this too.
+            let threads = std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            anyhow::ensure!(pairs > 0, "--pairs must be at least 1");
+            let opts = bench::PeerBenchOptions { llama_cpp, work_dir, pairs, threads };
+            let report = bench::peer(&opts, progress)?;
+            print_report(&report, json, report.to_text())
+        }
     }
 }

@@ -1,0 +1,243 @@
+//! A Qwen2 model directory written as GGUF, the file llama.cpp loads: llama.cpp's
+//! tensor names (`blk.N.attn_q.weight`, ...) and metadata keys (`qwen2.*`,
+//! `tokenizer.ggml.*`), weights in f32 or f16 (norms and biases stay f32, as
+//! llama.cpp's own converter keeps them), and the tokenizer as a gpt2-style BPE.
+//!
+//! The pre-tokenizer is declared `gpt-2`, not `qwen2`: the embedded model's
+//! pre-tokenizer keeps a run of digits (a 4-digit secret) as one piece, which
+//! llama.cpp's `gpt-2` split does and its `qwen2` split (one digit a piece) does
+//! not. The peer benchmark feeds token ids, so text only matters to anyone who
+//! chats with the file.
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use kframe_model::load::ModelDir;
+use std::path::Path;
+
+/// The precision of the 2-D weights in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightType {
+    F32,
+    F16,
+}
+
+impl WeightType {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            WeightType::F32 => GgmlDType::F32,
+            WeightType::F16 => GgmlDType::F16,
+        }
+    }
+
+    /// `general.file_type`: llama.cpp's LLAMA_FTYPE_ALL_F32 and _MOSTLY_F16.
+    fn file_type(self) -> u32 {
+        match self {
+            WeightType::F32 => 0,
+            WeightType::F16 => 1,
+        }
+    }
+}
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_CONTROL: i32 = 3;
+
+/// The Hugging Face tensor and its llama.cpp name, for every tensor llama.cpp's
+/// Qwen2 graph reads. An untied output head is written as `output.weight`; a tied
+/// one is left out, and llama.cpp reuses `token_embd.weight` as kframe does.
+fn tensor_names(layers: usize, tied: bool) -> Vec<(String, String)> {
+    let mut names = vec![
+        ("model.embed_tokens.weight".to_owned(), "token_embd.weight".to_owned()),
+        ("model.norm.weight".to_owned(), "output_norm.weight".to_owned()),
+    ];
+    if !tied {
+        names.push(("lm_head.weight".into(), "output.weight".into()));
+    }
+    let per_layer = [
+        ("input_layernorm.weight", "attn_norm.weight"),
+        ("self_attn.q_proj.weight", "attn_q.weight"),
+        ("self_attn.q_proj.bias", "attn_q.bias"),
+        ("self_attn.k_proj.weight", "attn_k.weight"),
+        ("self_attn.k_proj.bias", "attn_k.bias"),
+        ("self_attn.v_proj.weight", "attn_v.weight"),
+        ("self_attn.v_proj.bias", "attn_v.bias"),
+        ("self_attn.o_proj.weight", "attn_output.weight"),
+        ("post_attention_layernorm.weight", "ffn_norm.weight"),
+        ("mlp.gate_proj.weight", "ffn_gate.weight"),
+        ("mlp.up_proj.weight", "ffn_up.weight"),
+        ("mlp.down_proj.weight", "ffn_down.weight"),
+    ];
+    for l in 0..layers {
+        for (hf, gguf) in per_layer {
+            names.push((format!("model.layers.{l}.{hf}"), format!("blk.{l}.{gguf}")));
+        }
+    }
+    names
+}
+
+/// The tokenizer's vocabulary in id order, each token's GGUF type, and its BPE
+/// merges as `"left right"` strings.
+struct Vocab {
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    merges: Vec<String>,
+}
+
+fn vocab(dir: &ModelDir, vocab_size: usize) -> anyhow::Result<Vocab> {
+    let tokenizer = dir.load_tokenizer()?;
+    let json: serde_json::Value = serde_json::from_str(&tokenizer.to_string(false).map_err(anyhow::Error::msg)?)?;
+    let model = &json["model"];
+    anyhow::ensure!(model["type"] == "BPE", "GGUF export needs a BPE tokenizer, not {}", model["type"]);
+    let by_id = tokenizer.get_vocab(true);
+    // The config's vocabulary can be padded past the tokenizer's: those rows get
+    // placeholder names, as llama.cpp's converter gives them.
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    for (piece, id) in by_id {
+        if let Some(slot) = tokens.get_mut(id as usize) {
+            *slot = Some(piece);
+        }
+    }
+    let special: std::collections::HashSet<u64> = json["added_tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["special"].as_bool() == Some(true))
+        .filter_map(|t| t["id"].as_u64())
+        .collect();
+    let types = (0..vocab_size)
+        .map(|id| if special.contains(&(id as u64)) || tokens[id].is_none() { TOKEN_CONTROL } else { TOKEN_NORMAL })
+        .collect();
+    let tokens = tokens.into_iter().enumerate().map(|(id, t)| t.unwrap_or_else(|| format!("[PAD{id}]"))).collect();
+    // tokenizers writes merges as ["a", "b"] pairs (older files: "a b" strings).
+    let merges = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            serde_json::Value::Array(pair) if pair.len() == 2 => {
+                Ok(format!("{} {}", pair[0].as_str().unwrap_or_default(), pair[1].as_str().unwrap_or_default()))
+            }
+            other => anyhow::bail!("unreadable BPE merge {other}"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Vocab { tokens, types, merges })
+}
+
+/// Writes `dir`'s model to `out` as GGUF with 2-D weights in `weights`.
+pub fn write(dir: &ModelDir, weights: WeightType, out: &Path) -> anyhow::Result<()> {
+    let cfg = &dir.config;
+    let vb = dir.var_builder(DType::F32, &Device::Cpu)?;
+    let names = tensor_names(cfg.num_hidden_layers, cfg.tie_word_embeddings);
+    let mut tensors = Vec::with_capacity(names.len());
+    for (hf, gguf) in &names {
+        let t: Tensor = vb.get_unchecked(hf)?;
+        let dtype = if t.rank() == 2 { weights.ggml() } else { GgmlDType::F32 };
+        tensors.push((gguf.as_str(), QTensor::quantize(&t, dtype)?));
+    }
+    let vocab = vocab(dir, cfg.vocab_size)?;
+    let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
+    let arch = "qwen2";
+    let u32v = |n: usize| Value::U32(n as u32);
+    let mut metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String(dir.model_id())),
+        ("general.file_type".into(), Value::U32(weights.file_type())),
+        (format!("{arch}.context_length"), u32v(cfg.max_position_embeddings)),
+        (format!("{arch}.embedding_length"), u32v(cfg.hidden_size)),
+        (format!("{arch}.block_count"), u32v(cfg.num_hidden_layers)),
+        (format!("{arch}.feed_forward_length"), u32v(cfg.intermediate_size)),
+        (format!("{arch}.attention.head_count"), u32v(cfg.num_attention_heads)),
+        (format!("{arch}.attention.head_count_kv"), u32v(cfg.num_key_value_heads)),
+        (format!("{arch}.attention.key_length"), u32v(cfg.head_dim)),
+        (format!("{arch}.attention.value_length"), u32v(cfg.head_dim)),
+        (format!("{arch}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
+        ("tokenizer.ggml.tokens".into(), strings(&vocab.tokens)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(vocab.types.iter().map(|&t| Value::I32(t)).collect())),
+        ("tokenizer.ggml.merges".into(), strings(&vocab.merges)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+    ];
+    if let Some(&eos) = dir.eos_token_ids.first() {
+        metadata.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)));
+        // Qwen2 has no BOS of its own; llama.cpp's converter points it at EOS too.
+        metadata.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(eos)));
+    }
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(out)?);
+    gguf_file::write(&mut file, &metadata, &tensors)?;
+    std::io::Write::flush(&mut file)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::Content;
+
+    fn read(path: &Path) -> (Content, std::fs::File) {
+        let mut f = std::fs::File::open(path).unwrap();
+        (Content::read(&mut f).unwrap(), f)
+    }
+
+    #[test]
+    fn the_embedded_model_round_trips_through_gguf_with_llama_cpp_names_and_values() {
+        let dir = ModelDir::embedded().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.gguf");
+        write(&dir, WeightType::F32, &path).unwrap();
+        let (content, mut f) = read(&path);
+        let cfg = &dir.config;
+        let md = |k: &str| content.metadata.get(k).unwrap_or_else(|| panic!("no {k}"));
+        assert_eq!(md("general.architecture").to_string().unwrap(), "qwen2");
+        assert_eq!(md("qwen2.block_count").to_u32().unwrap() as usize, cfg.num_hidden_layers);
+        assert_eq!(md("qwen2.attention.head_count_kv").to_u32().unwrap() as usize, cfg.num_key_value_heads);
+        assert_eq!(md("tokenizer.ggml.pre").to_string().unwrap(), "gpt-2");
+        let tokens = md("tokenizer.ggml.tokens").to_vec().unwrap();
+        assert_eq!(tokens.len(), cfg.vocab_size);
+        let tokenizer = dir.load_tokenizer().unwrap();
+        for id in [0u32, 5, 300, cfg.vocab_size as u32 - 1] {
+            let piece = tokenizer.id_to_token(id).unwrap();
+            assert_eq!(tokens[id as usize].to_string().unwrap(), &piece, "token {id}");
+        }
+        let merges = md("tokenizer.ggml.merges").to_vec().unwrap();
+        assert!(merges.len() > 1000 && merges[0].to_string().unwrap().contains(' '));
+        // Every tensor llama.cpp's Qwen2 graph reads, in the row-major shape
+        // candle reads back (GGUF stores the dimensions innermost first).
+        let expected = 2 + 12 * cfg.num_hidden_layers + usize::from(!cfg.tie_word_embeddings);
+        assert_eq!(content.tensor_infos.len(), expected);
+        let vb = dir.var_builder(DType::F32, &Device::Cpu).unwrap();
+        for (hf, gguf) in tensor_names(cfg.num_hidden_layers, cfg.tie_word_embeddings) {
+            let want: Tensor = vb.get_unchecked(&hf).unwrap();
+            let got = content.tensor(&mut f, &gguf, &Device::Cpu).unwrap();
+            assert_eq!(got.shape(), want.shape(), "{gguf}");
+            assert_eq!(got.dtype(), GgmlDType::F32, "{gguf}");
+            let diff = (got.dequantize(&Device::Cpu).unwrap() - &want).unwrap().abs().unwrap();
+            let max: f32 = diff.flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+            assert_eq!(max, 0.0, "{gguf} changed in f32");
+        }
+        let embd = content.tensor_infos.get("token_embd.weight").unwrap();
+        assert_eq!(embd.shape.dims(), &[cfg.vocab_size, cfg.hidden_size]);
+    }
+
+    #[test]
+    fn an_f16_file_stores_matrices_in_f16_and_norms_and_biases_in_f32() {
+        let dir = ModelDir::embedded().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m16.gguf");
+        write(&dir, WeightType::F16, &path).unwrap();
+        let (content, _) = read(&path);
+        assert_eq!(content.metadata["general.file_type"].to_u32().unwrap(), 1);
+        let dtype = |n: &str| content.tensor_infos[n].ggml_dtype;
+        assert_eq!(dtype("blk.0.attn_q.weight"), GgmlDType::F16);
+        assert_eq!(dtype("token_embd.weight"), GgmlDType::F16);
+        assert_eq!(dtype("blk.0.attn_q.bias"), GgmlDType::F32);
+        assert_eq!(dtype("blk.1.ffn_norm.weight"), GgmlDType::F32);
+        assert_eq!(dtype("output_norm.weight"), GgmlDType::F32);
+    }
+}
