@@ -8,8 +8,9 @@
 # llama-cpp-python source release on PyPI, pinned below by version and sha256,
 # into target/peer/llama.cpp; then builds kframe (release) and runs
 # `kframe bench peer`, which writes the model as GGUF, checks that both engines
-# choose the same greedy tokens, and times them in alternating pairs. Takes a few
-# minutes the first time (cmake comes from Debian when missing). Extra arguments
+# choose the same greedy tokens, and times them in alternating pairs. The first
+# build takes tens of minutes on 2 cores (cmake comes from Debian when missing); later
+# runs take about a minute. Extra arguments
 # go to `kframe bench peer` (see `kframe bench peer --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
