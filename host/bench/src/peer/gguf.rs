@@ -180,18 +180,20 @@ mod tests {
     use super::*;
     use candle_core::quantized::gguf_file::Content;
 
-    fn read(path: &Path) -> (Content, std::fs::File) {
-        let mut f = std::fs::File::open(path).unwrap();
-        (Content::read(&mut f).unwrap(), f)
+    /// The embedded model written with `weights`, read back: the parsed file, the
+    /// open file for its tensors, and the folder that holds it.
+    fn written(weights: WeightType) -> (Content, std::fs::File, tempfile::TempDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.gguf");
+        write(&ModelDir::embedded().unwrap(), weights, &path).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        (Content::read(&mut f).unwrap(), f, tmp)
     }
 
     #[test]
     fn the_embedded_model_round_trips_through_gguf_with_llama_cpp_names_and_values() {
         let dir = ModelDir::embedded().unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("m.gguf");
-        write(&dir, WeightType::F32, &path).unwrap();
-        let (content, mut f) = read(&path);
+        let (content, mut f, _tmp) = written(WeightType::F32);
         let cfg = &dir.config;
         let md = |k: &str| content.metadata.get(k).unwrap_or_else(|| panic!("no {k}"));
         assert_eq!(md("general.architecture").to_string().unwrap(), "qwen2");
@@ -227,11 +229,7 @@ mod tests {
 
     #[test]
     fn an_f16_file_stores_matrices_in_f16_and_norms_and_biases_in_f32() {
-        let dir = ModelDir::embedded().unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("m16.gguf");
-        write(&dir, WeightType::F16, &path).unwrap();
-        let (content, _) = read(&path);
+        let (content, _, _tmp) = written(WeightType::F16);
         assert_eq!(content.metadata["general.file_type"].to_u32().unwrap(), 1);
         let dtype = |n: &str| content.tensor_infos[n].ggml_dtype;
         assert_eq!(dtype("blk.0.attn_q.weight"), GgmlDType::F16);
