@@ -25,6 +25,7 @@ use kframe_core::keys::MasterSecret;
 use kframe_core::layout::{Layout, Padding, DEFAULT_EXTRA};
 use kframe_core::rotation::{Frame, Keyring};
 use kframe_engine::{Engine, EngineConfig, Event, Submit, Tenant};
+use kframe_model::device::DtypeChoice;
 use kframe_model::generate::SamplingParams;
 use kframe_model::load::ModelDir;
 use kframe_model::qwen2::Chunk;
@@ -40,11 +41,13 @@ pub struct ServeBenchOptions {
     pub prefix_tokens: usize,
     /// Sessions created to measure per-session memory.
     pub resident_sample: usize,
+    /// The weights' dtype (on the CPU f16 and bf16 also store K and V in it).
+    pub dtype: DtypeChoice,
 }
 
 impl Default for ServeBenchOptions {
     fn default() -> Self {
-        Self { tenants: 1000, prefix_tokens: 256, resident_sample: 2000 }
+        Self { tenants: 1000, prefix_tokens: 256, resident_sample: 2000, dtype: DtypeChoice::Auto }
     }
 }
 
@@ -52,6 +55,9 @@ impl Default for ServeBenchOptions {
 pub struct ServeReport {
     pub model: String,
     pub machine: String,
+    /// The weights' dtype, and the K/V cache's.
+    pub weights: String,
+    pub kv_cache: String,
     pub tenants: usize,
     pub prefix_tokens: usize,
     pub prefill_independent_seconds: f64,
@@ -108,15 +114,18 @@ const DECODE_PAIRS: usize = 5;
 
 pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Result<ServeReport> {
     let (dir, model_name, _guard) = model_dir()?;
-    let gen = ModelBundle::load(&dir, DType::F32, &Device::Cpu)?;
+    let dtype = kframe_model::device::dtype(opts.dtype, &Device::Cpu);
+    let gen = ModelBundle::load(&dir, dtype, &Device::Cpu)?;
     let model = &gen.model;
     let vocab = model.config().vocab_size as u32;
     let token = |i: usize| (i as u32 * 7919 + 13) % (vocab - 1) + 1;
     let prefix: Vec<u32> = (0..opts.prefix_tokens).map(token).collect();
 
     progress(&format!("deriving {} tenant frames", opts.tenants));
-    let ring =
-        Keyring::builder(MasterSecret::from_bytes(MASTER), model.rotation_shape()).capacity(opts.tenants).build();
+    let ring = Keyring::builder(MasterSecret::from_bytes(MASTER), model.rotation_shape())
+        .dtype(model.dtype())
+        .capacity(opts.tenants)
+        .build();
     let frames: Vec<Frame> =
         (0..opts.tenants).map(|t| ring.frame(&format!("bench-{t}"), 0)).collect::<Result<_, _>>()?;
     let own = [token(100_000)];
@@ -152,7 +161,7 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     drop(frames);
 
     progress("decode through the engine: 1 and 32 concurrent tenants");
-    let (engine, plugins_loaded) = serving_engine(&dir)?;
+    let (engine, plugins_loaded) = serving_engine(&dir, dtype)?;
     // `n` tenants at once, `rounds` requests each, one after another: tok/s and the
     // share of that time inside policy components.
     let decode = |n: usize, rounds: usize| -> anyhow::Result<(f64, f64)> {
@@ -225,7 +234,7 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     let (kv_heads, head_dim) = (cache_shape.kv_heads as u32, cache_shape.head_dim as u32);
     let gates = fallback::gates(&ModelShape { layers: layers as u32, kv_heads, head_dim });
     let layout = Layout::new(gates.iter().map(|g| g.pad).collect(), DEFAULT_EXTRA);
-    let kv_per_tenant = KvCache::bytes_for(cache_shape, &layout, DType::F32, 256) as u64;
+    let kv_per_tenant = KvCache::bytes_for(cache_shape, &layout, model.kv_dtype(), 256) as u64;
     // The keyring keeps up to `keyring_capacity` tenants' rotations derived: a fixed
     // cost (R^T and S, w x w, per layer and kv head, f32), not a per-tenant one.
     let shape = model.rotation_shape();
@@ -236,6 +245,8 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     Ok(ServeReport {
         model: model_name,
         machine: kframe_model::device::machine(),
+        weights: format!("{:?}", model.weights_dtype()).to_lowercase(),
+        kv_cache: format!("{:?}", model.kv_dtype()).to_lowercase(),
         tenants: opts.tenants,
         prefix_tokens: opts.prefix_tokens,
         prefill_independent_seconds: independent,
@@ -308,7 +319,7 @@ impl ServeReport {
     pub fn to_text(&self) -> String {
         let share = self.plugin_time_share.map_or("n/a (plugins not built)".into(), |s| format!("{:.4}%", s * 100.0));
         format!(
-            "model: {}\nmachine: {}\n\
+            "model: {}\nmachine: {}\nweights {}, K/V cache {}\n\
              shared prefill, {} tenants x {}-token prefix:\n  \
              independent {:.2} s, shared-plain {:.4} s ({:.0}x), rotate-copy {:.3} s ({:.1}x)\n  \
              through each tenant's first own token: shared-plain {:.1}x, rotate-copy {:.1}x\n\
@@ -319,6 +330,8 @@ impl ServeReport {
              corrective layer, every layer verified: +{:.1}% decode time (32 tenants x 256 tokens)",
             self.model,
             self.machine,
+            self.weights,
+            self.kv_cache,
             self.tenants,
             self.prefix_tokens,
             self.prefill_independent_seconds,
@@ -346,7 +359,7 @@ impl ServeReport {
 /// An engine as `kframe serve` runs by default: the shipped capacity and lru
 /// components (when built; the second value says whether they were), norm padding
 /// (m = 32) on the layers the fallback depth gate pads, every layer verified.
-pub(crate) fn serving_engine(dir: &ModelDir) -> anyhow::Result<(Engine, bool)> {
+pub(crate) fn serving_engine(dir: &ModelDir, dtype: DType) -> anyhow::Result<(Engine, bool)> {
     let policies = Arc::new(PolicySet::new(PluginRuntime::new(Limits::default(), None)?));
     let plugins = [(PolicyKind::Admission, "capacity"), (PolicyKind::Eviction, "lru")];
     let mut plugins_loaded = true;
@@ -356,7 +369,7 @@ pub(crate) fn serving_engine(dir: &ModelDir) -> anyhow::Result<(Engine, bool)> {
             Err(_) => plugins_loaded = false,
         }
     }
-    let bundle = ModelBundle::load(dir, DType::F32, &Device::Cpu)?;
+    let bundle = ModelBundle::load(dir, dtype, &Device::Cpu)?;
     let padding =
         Padding { extra: DEFAULT_EXTRA, calibration: kframe_model::calibrate::calibration_for(dir, &bundle)? };
     let config = EngineConfig { padding: Some(padding), ..EngineConfig::default() };

@@ -123,12 +123,14 @@ impl LayerRotation {
     }
 
     /// k' = R [k; r] and v' = S [v; r'] for (kv, t, d) plaintext at context
-    /// positions pos.., computed and returned in `store`; also the rows too long
-    /// to pad.
+    /// positions pos.., returned in `store`; also the rows too long to pad. An
+    /// f64 store is computed in f64; any other in the compute dtype, then rounded
+    /// once to `store` (f16 or bf16 rows of an f32 model are rotated in f32).
     pub fn rotate_kv(&self, k: &Tensor, v: &Tensor, store: DType, pos: usize) -> Result<(Tensor, Tensor, u64)> {
         let m = self.mats(store);
-        let (k, v, overflow) = self.pad_kv(&k.to_dtype(store)?, &v.to_dtype(store)?, pos)?;
-        Ok((k.matmul(&m.r_t)?, v.matmul(&m.s_t()?)?, overflow))
+        let work = m.r_t.dtype();
+        let (k, v, overflow) = self.pad_kv(&k.to_dtype(work)?, &v.to_dtype(work)?, pos)?;
+        Ok((k.matmul(&m.r_t)?.to_dtype(store)?, v.matmul(&m.s_t()?)?.to_dtype(store)?, overflow))
     }
 
     /// Probe-time: q' = R [q; 0] for (kv, g*t, d) queries grouped by their kv head:
@@ -142,8 +144,8 @@ impl LayerRotation {
         o.matmul(&self.compute.s)?.narrow(2, 0, self.d)
     }
 
-    /// Decode-time and recovery: k = R^T k', v = S^T v' for (kv, L, width), in the
-    /// dtype of the input (f64 for an exact cache), pads dropped.
+    /// Decode-time and recovery: k = R^T k', v = S^T v' for (kv, L, width), pads
+    /// dropped: in f64 for f64 rows (an exact cache), else in the compute dtype.
     pub fn unrotate_kv(&self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (k, v) = self.unrotate_kv_padded(k, v)?;
         Ok((k.narrow(2, 0, self.d)?, v.narrow(2, 0, self.d)?))
@@ -152,7 +154,8 @@ impl LayerRotation {
     /// As [`Self::unrotate_kv`], pads kept: [k; r], [v; r'].
     pub fn unrotate_kv_padded(&self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let m = self.mats(k.dtype());
-        Ok((k.matmul(&m.r()?)?, v.matmul(&m.s)?))
+        let work = m.s.dtype();
+        Ok((k.to_dtype(work)?.matmul(&m.r()?)?, v.to_dtype(work)?.matmul(&m.s)?))
     }
 
     /// The compute-dtype matrices as (kv, width, width): R (for K) and S (for V).

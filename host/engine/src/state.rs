@@ -125,7 +125,7 @@ impl State {
     /// The dtype caches store rotated values in.
     pub(crate) fn store_dtype(&self) -> candle_core::DType {
         match self.cfg.precision {
-            KvPrecision::Native => self.gen.model.dtype(),
+            KvPrecision::Native => self.gen.model.kv_dtype(),
             KvPrecision::Exact => candle_core::DType::F64,
         }
     }

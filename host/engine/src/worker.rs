@@ -8,8 +8,26 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Runs the engine until a shutdown command or until every handle is gone.
+///
+/// The loop runs on a thread of the engine's own compute pool (RAYON_NUM_THREADS
+/// threads), not beside it: the forward pass splits many small products over the
+/// pool, and a split started from a pool thread hands half to a thread that is
+/// already awake, while one started from outside queues the whole job and puts
+/// the caller to sleep until it is done (two thread switches per product; at
+/// batch 1 on the embedded model about a fifth of a decode step, in the kernel's
+/// scheduler). The pool is the engine's own because the loop holds its thread
+/// for the engine's life, waiting for commands too: in the global pool it would
+/// take a thread from every other user, and two engines in one process could
+/// hold them all.
 pub(crate) fn run(state: State, rx: mpsc::UnboundedReceiver<Command>) {
-    state.run(rx)
+    let pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("kframe-compute-{i}")).build();
+    match pool {
+        Ok(pool) => pool.install(move || state.run(rx)),
+        Err(e) => {
+            tracing::warn!("no compute pool for the engine ({e}); running on the global one");
+            state.run(rx)
+        }
+    }
 }
 
 impl State {

@@ -43,7 +43,7 @@ pub(super) fn measure(lab: &Lab, overflow: u64) -> Result<PadCost> {
     let layers = lab.layers();
     let extra = lab.ring.padding().map_or(0, |p| p.extra);
     let shape = lab.gen.model.new_cache(KvPrecision::Native).shape();
-    let store = lab.gen.model.dtype();
+    let store = lab.gen.model.kv_dtype();
     let bytes = |layout: &Layout| KvCache::bytes_for(shape, layout, store, 256) as f64;
     let mut layer0 = vec![false; layers];
     layer0[0] = true;

@@ -182,6 +182,9 @@ pub enum BenchCommand {
         json: bool,
         #[arg(long, default_value_t = 1000)]
         tenants: usize,
+        /// The weights' dtype on the CPU (f16 and bf16 store K and V in it too).
+        #[arg(long, value_enum, default_value_t)]
+        dtype: DtypeArg,
     },
     /// HTTP over the in-process engine: aggregate decode tok/s with many
     /// concurrent streaming tenants, time to first token, and a many-tenant load
@@ -219,6 +222,12 @@ pub enum BenchCommand {
         work_dir: PathBuf,
         #[arg(long, default_value_t = 5)]
         pairs: usize,
+        /// Time kframe alone, `--pairs` rounds, without llama.cpp (for profiling).
+        #[arg(long)]
+        kframe_only: bool,
+        /// With `--kframe-only`: the weights' dtype (the comparison runs both).
+        #[arg(long, value_enum, default_value_t)]
+        dtype: DtypeArg,
     },
 }
 
@@ -354,7 +363,8 @@ impl From<DeviceArg> for DeviceChoice {
 /// `--dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum DtypeArg {
-    /// f32 on CPU, bf16 on CUDA, f16 on Metal.
+    /// f32 on CPU, bf16 on CUDA, f16 on Metal. On the CPU, f16 and bf16 hold
+    /// the weights and the K/V cache while the arithmetic stays f32.
     #[default]
     Auto,
     F32,

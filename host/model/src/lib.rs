@@ -5,6 +5,7 @@
 //!
 //! - [`config`]: `config.json` as the Qwen2.5 releases write it.
 //! - [`load`]: opening a Hugging Face style directory, or the embedded model.
+//! - [`kernels`]: the decode steps' weight products on the CPU (few rows).
 //! - [`qwen2`]: the forward pass. Each sequence's K and V are rotated into its
 //!   frame between RoPE and the cache write; one code path serves one sequence and
 //!   a batch alike.
@@ -54,6 +55,7 @@ pub mod corpus;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod kernels;
 pub mod load;
 pub mod qwen2;
 pub mod rounding;

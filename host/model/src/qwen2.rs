@@ -9,6 +9,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kernels::{self, Form};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use kframe_core::cache::{CacheShape, KvCache, KvPrecision};
@@ -90,7 +91,8 @@ impl Rope {
     }
 }
 
-/// A layer's weight projection, stored as W^T (in, out).
+/// A layer's weight projection, stored as W^T (in, out), in the weights' dtype;
+/// the bias in the compute dtype.
 ///
 /// gemm wants a column-major destination, so for x W^T with W stored row-major
 /// (candle-nn's `Linear`) it repacks the whole of W on every call with more than
@@ -103,8 +105,18 @@ struct Proj {
 }
 
 impl Proj {
-    fn new(linear: Linear) -> candle_core::Result<Self> {
-        Ok(Self { w_t: linear.weight().t()?.contiguous()?, bias: linear.bias().cloned() })
+    /// `vw.pp(name)` gives the weight, `vc.pp(name)` the bias (if `bias`).
+    fn load(
+        inner: usize,
+        outer: usize,
+        bias: bool,
+        name: &str,
+        vw: &VarBuilder,
+        vc: &VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let w = vw.pp(name).get((outer, inner), "weight")?;
+        let bias = if bias { Some(vc.pp(name).get(outer, "bias")?) } else { None };
+        Ok(Self { w_t: w.t()?.contiguous()?, bias })
     }
 }
 
@@ -114,7 +126,13 @@ impl Module for Proj {
         let (inner, outer) = self.w_t.dims2()?;
         let mut dims = x.dims().to_vec();
         let rows = x.elem_count() / inner;
-        let y = x.reshape((rows, inner))?.matmul(&self.w_t)?;
+        let x = x.reshape((rows, inner))?;
+        let y = match kernels::product(&x, &self.w_t, Form::Cols)? {
+            Some(y) => y,
+            // Half-precision weights with f32 activations always take the kernels;
+            // the widening here only keeps any other case correct.
+            None => x.matmul(&self.w_t.to_dtype(x.dtype())?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -159,6 +177,8 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// The plaintext K and V's dtype.
+    kv: DType,
 }
 
 struct Mlp {
@@ -191,50 +211,72 @@ pub struct Qwen2 {
     norm: Norm,
     lm_head: Linear,
     rope: Rope,
+    /// What activations, norms, RoPE and attention compute in.
     dtype: DType,
+    /// What the weight matrices (projections, embedding) are held in.
+    weights: DType,
+    /// The plaintext K and V: what a native-precision cache stores.
+    kv: DType,
     device: Device,
 }
 
 impl Qwen2 {
-    /// Builds the model from Hugging Face tensor names (`model.layers.N...`).
+    /// Builds the model from Hugging Face tensor names (`model.layers.N...`), its
+    /// weights in `vb`'s dtype.
+    ///
+    /// On the CPU, f16 and bf16 are storage formats only: the weight matrices are
+    /// held in them (half the bytes a step reads), while activations, norms, RoPE,
+    /// attention and the rotations compute in f32 ([`crate::kernels`] widens each
+    /// weight as it loads it), and K and V are rounded once to the weights' dtype
+    /// before they are rotated and cached, as llama.cpp keeps an f16 cache. On a
+    /// GPU the whole pass runs in the dtype asked for.
     pub fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
-        let vm = vb.pp("model");
+        let weights = vb.dtype();
+        let dtype = match weights {
+            DType::F16 | DType::BF16 if vb.device().is_cpu() => DType::F32,
+            other => other,
+        };
+        // vw: the weight matrices; vc: norms and biases, in the compute dtype.
+        let vc = vb.to_dtype(dtype);
+        let (vm, vmc) = (vb.pp("model"), vc.pp("model"));
         let embed_tokens = candle_nn::embedding(cfg.vocab_size, h, vm.pp("embed_tokens"))?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let vl = vm.pp("layers").pp(i);
-            let va = vl.pp("self_attn");
-            let vp = vl.pp("mlp");
+            let (vl, vlc) = (vm.pp("layers").pp(i), vmc.pp("layers").pp(i));
+            let (va, vac) = (vl.pp("self_attn"), vlc.pp("self_attn"));
+            let (vp, vpc) = (vl.pp("mlp"), vlc.pp("mlp"));
+            let (heads, kv_heads, inter) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
             let attn = Attention {
-                q_proj: Proj::new(candle_nn::linear(h, cfg.num_attention_heads * d, va.pp("q_proj"))?)?,
-                k_proj: Proj::new(candle_nn::linear(h, cfg.num_key_value_heads * d, va.pp("k_proj"))?)?,
-                v_proj: Proj::new(candle_nn::linear(h, cfg.num_key_value_heads * d, va.pp("v_proj"))?)?,
-                o_proj: Proj::new(candle_nn::linear_no_bias(cfg.num_attention_heads * d, h, va.pp("o_proj"))?)?,
-                heads: cfg.num_attention_heads,
-                kv_heads: cfg.num_key_value_heads,
+                q_proj: Proj::load(h, heads * d, true, "q_proj", &va, &vac)?,
+                k_proj: Proj::load(h, kv_heads * d, true, "k_proj", &va, &vac)?,
+                v_proj: Proj::load(h, kv_heads * d, true, "v_proj", &va, &vac)?,
+                o_proj: Proj::load(heads * d, h, false, "o_proj", &va, &vac)?,
+                heads,
+                kv_heads,
                 head_dim: d,
+                kv: weights,
             };
             let mlp = Mlp {
-                gate_proj: Proj::new(candle_nn::linear_no_bias(h, cfg.intermediate_size, vp.pp("gate_proj"))?)?,
-                up_proj: Proj::new(candle_nn::linear_no_bias(h, cfg.intermediate_size, vp.pp("up_proj"))?)?,
-                down_proj: Proj::new(candle_nn::linear_no_bias(cfg.intermediate_size, h, vp.pp("down_proj"))?)?,
+                gate_proj: Proj::load(h, inter, false, "gate_proj", &vp, &vpc)?,
+                up_proj: Proj::load(h, inter, false, "up_proj", &vp, &vpc)?,
+                down_proj: Proj::load(inter, h, false, "down_proj", &vp, &vpc)?,
                 act: cfg.hidden_act,
             };
             layers.push(Layer {
                 attn,
                 mlp,
-                input_layernorm: Norm::new(h, cfg.rms_norm_eps, vl.pp("input_layernorm"))?,
-                post_attention_layernorm: Norm::new(h, cfg.rms_norm_eps, vl.pp("post_attention_layernorm"))?,
+                input_layernorm: Norm::new(h, cfg.rms_norm_eps, vlc.pp("input_layernorm"))?,
+                post_attention_layernorm: Norm::new(h, cfg.rms_norm_eps, vlc.pp("post_attention_layernorm"))?,
             });
         }
-        let norm = Norm::new(h, cfg.rms_norm_eps, vm.pp("norm"))?;
+        let norm = Norm::new(h, cfg.rms_norm_eps, vmc.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.embeddings().clone(), None)
         } else {
             candle_nn::linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"))?
         };
-        let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
+        let rope = Rope::new(cfg, dtype, vb.device())?;
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
@@ -242,7 +284,9 @@ impl Qwen2 {
             norm,
             lm_head,
             rope,
-            dtype: vb.dtype(),
+            dtype,
+            weights,
+            kv: weights,
             device: vb.device().clone(),
         })
     }
@@ -251,8 +295,20 @@ impl Qwen2 {
         &self.cfg
     }
 
+    /// The compute dtype: activations, attention, the rotations' matrices.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype the weight matrices are held in (f16 or bf16 on a CPU whose
+    /// compute dtype is f32, else the compute dtype).
+    pub fn weights_dtype(&self) -> DType {
+        self.weights
+    }
+
+    /// The dtype of the plaintext K and V, which a native-precision cache stores.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv
     }
 
     pub fn device(&self) -> &Device {
@@ -275,7 +331,7 @@ impl Qwen2 {
             head_dim: self.cfg.head_dim,
             max_len: self.cfg.max_position_embeddings,
         };
-        KvCache::new(shape, self.dtype, precision, &self.device)
+        KvCache::new(shape, self.kv, precision, &self.device)
     }
 
     /// Runs `tokens` after what `cache` holds, in `frame`; returns the f32 logits of
@@ -340,7 +396,7 @@ impl Qwen2 {
             variant,
         };
         let ids = Tensor::new(tokens.as_slice(), &self.device)?.unsqueeze(1)?;
-        let mut xs = self.embed_tokens.forward(&ids)?; // (tokens, 1, hidden)
+        let mut xs = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?; // (tokens, 1, hidden)
         let mut failed: Vec<Option<Error>> = seqs.iter().map(|_| None).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             xs = layer.forward_with(&xs, |h| layer.attn.forward_chunks(h, i, &step, seqs, &mut failed))?;
@@ -369,7 +425,10 @@ impl Qwen2 {
     /// (`t().contiguous()`, kept as the fallback) took 1.7 ms for the same matrix.
     fn vocab_logits(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, _) = xs.dims2()?;
-        if b == 1 || !self.device.is_cpu() || self.dtype != DType::F32 {
+        if let Some(logits) = kernels::product(xs, self.lm_head.weight(), Form::Rows)? {
+            return Ok(logits);
+        }
+        if b == 1 || !self.device.is_cpu() || self.weights != DType::F32 {
             return Ok(xs.apply(&self.lm_head)?.to_dtype(DType::F32)?);
         }
         let lt = self.lm_head.weight().matmul(&xs.t()?)?; // (vocab, b), contiguous
@@ -479,6 +538,14 @@ impl Attention {
         let v = heads(self.v_proj.forward(xs)?, kv)?;
         let q = candle_nn::rotary_emb::rope(&q, &step.cos, &step.sin)?;
         let k = candle_nn::rotary_emb::rope(&k, &step.cos, &step.sin)?;
+        // The plaintext K and V in their own dtype (see `Qwen2::new`). A value
+        // too small for it rounds to a signed zero; adding 0 makes every zero +0,
+        // the zero an exact cache's recovery gives back, so that its round trip
+        // stays bit-exact.
+        let (k, v) = match self.kv == q.dtype() {
+            true => (k, v),
+            false => (k.to_dtype(self.kv)?.affine(1.0, 0.0)?, v.to_dtype(self.kv)?.affine(1.0, 0.0)?),
+        };
         let starts: Vec<usize> = (seqs.iter())
             .scan(0, |at, s| {
                 *at += s.tokens.len();
@@ -553,7 +620,10 @@ impl Attention {
         let len = seq.pos + t;
         let (keys, values) = cache.stored_rows(index, len - cache.offset())?; // (kv, own, w), storage dtype
         let (keys, values) = (keys.to_dtype(q.dtype())?, values.to_dtype(q.dtype())?);
-        let shared = cache.shared_rows(index)?;
+        let shared = match cache.shared_rows(index)? {
+            Some((k, v)) => Some((k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?)),
+            None => None,
+        };
         let (q_own, keys, values) = match (rot, seq.variant) {
             (None, _) => (q.clone(), keys, values),
             (Some(r), Variant::ProbeTime) => (r.rotate_q(q)?, keys, values),

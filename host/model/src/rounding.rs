@@ -44,6 +44,12 @@ use crate::config::Config;
 /// The unit roundoff of f32: half the distance from 1 to the next f32.
 pub const F32_UNIT: f64 = f32::EPSILON as f64 / 2.0;
 
+/// The unit roundoff of f16 (11 significant bits).
+pub const F16_UNIT: f64 = 1.0 / 2048.0;
+
+/// The unit roundoff of bf16 (8 significant bits).
+pub const BF16_UNIT: f64 = 1.0 / 256.0;
+
 /// Standard deviations of rounding error a comparison allows (see the module
 /// docs): 6 leaves a chance below 2e-9 per element compared, so even the 10^5
 /// logits of a long comparison stay inside it on any machine.
@@ -89,6 +95,13 @@ impl Reductions {
         Self::layer(cfg, context).times(layer).then(Self::of(cfg.hidden_size).times(2))
     }
 
+    /// The roundings of K and V into half precision that a forward pass on the
+    /// CPU with f16 or bf16 weights adds to the f32 chain (see `Qwen2::new`): one
+    /// each per layer.
+    pub fn kv_roundings(cfg: &Config) -> Self {
+        Self::of(1).times(2 * cfg.num_hidden_layers)
+    }
+
     /// One decoder layer's chain (see [`Self::forward_pass`]).
     fn layer(cfg: &Config, context: usize) -> Self {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
@@ -117,6 +130,13 @@ impl Reductions {
     pub fn bound_between(&self, unit: f64, scale: f64) -> f64 {
         2.0 * self.bound(unit, scale)
     }
+}
+
+/// Bounds on independent rounding errors (say, an f32 chain and the f16
+/// roundings within it) combined: each is [`LAMBDA`] standard deviations, and
+/// the variances of independent errors add.
+pub fn in_quadrature(bounds: impl IntoIterator<Item = f64>) -> f64 {
+    bounds.into_iter().map(|b| b * b).sum::<f64>().sqrt()
 }
 
 /// Per element, relative to the row's norm: the rounding of `products` products

@@ -10,7 +10,7 @@ use kframe_core::keys::MasterSecret;
 use kframe_core::rotation::{Frame, Keyring};
 use kframe_model::load::{ModelDir, Weights};
 use kframe_model::qwen2::Trace;
-use kframe_model::rounding::{self, Reductions, F32_UNIT};
+use kframe_model::rounding::{self, in_quadrature, Reductions, BF16_UNIT, F16_UNIT, F32_UNIT};
 use kframe_model::Error;
 use kframe_model::{synth, Config, Qwen2, Variant};
 use kframe_testkit::TinyModel;
@@ -204,6 +204,144 @@ fn tenant_keys_give_identity_greedy_tokens_for_32_steps_in_both_variants() {
     }
 }
 
+/// The model in f64 with the directory's weight matrices rounded to `dtype`
+/// (norms and biases as stored): the arithmetic a model loaded in f16 or bf16 on
+/// the CPU carries out, without its rounding.
+fn rounded_weights_in_f64(dir: &ModelDir, cfg: &Config, dtype: DType) -> Qwen2 {
+    let Weights::Files(files) = &dir.weights else { panic!("a written model directory") };
+    let mut weights = candle_core::safetensors::load(&files[0], &Device::Cpu).unwrap();
+    for (name, t) in weights.iter_mut() {
+        if name.ends_with("_proj.weight") || name.ends_with("embed_tokens.weight") || name == "lm_head.weight" {
+            *t = t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        }
+    }
+    Qwen2::new(cfg, VarBuilder::from_tensors(weights, DType::F64, &Device::Cpu)).unwrap()
+}
+
+/// On the CPU, f16 and bf16 hold the weights only: the pass computes in f32 and
+/// rounds K and V once to the weights' dtype. Over a prefill and 20 decode
+/// steps it lies within the f32 chain's bound, plus those roundings, of an f64
+/// run of the same rounded weights, and picks its tokens wherever their margin
+/// is clear. Its cache stores half-precision rows: half the bytes of f32.
+#[test]
+fn half_precision_weights_on_the_cpu_compute_in_f32_within_rounding_of_an_f64_run_of_the_same_weights() {
+    let cfg = synth::tiny_config();
+    let tiny = model_dir(&cfg);
+    let f32_bytes = {
+        let model = tiny.dir.load_model(DType::F32, &Device::Cpu).unwrap();
+        let mut cache = model.new_cache(KvPrecision::Native);
+        model.forward(&PROMPT, &mut cache, &Frame::Identity, Variant::ProbeTime).unwrap();
+        cache.bytes()
+    };
+    for (dtype, unit) in [(DType::F16, F16_UNIT), (DType::BF16, BF16_UNIT)] {
+        let model = tiny.dir.load_model(dtype, &Device::Cpu).unwrap();
+        assert_eq!((model.dtype(), model.weights_dtype(), model.kv_dtype()), (DType::F32, dtype, dtype));
+        let exact = rounded_weights_in_f64(&tiny.dir, &cfg, dtype);
+        let (mut cache, mut exact_cache) = (model.new_cache(KvPrecision::Native), exact.new_cache(KvPrecision::Native));
+        let (mut worst, mut tokens, mut pos) = (0f64, PROMPT.to_vec(), 0);
+        for step in 0..21 {
+            let got = model.forward(&tokens, &mut cache, &Frame::Identity, Variant::ProbeTime).unwrap();
+            let want = exact.forward(&tokens, &mut exact_cache, &Frame::Identity, Variant::ProbeTime).unwrap();
+            pos += tokens.len();
+            if step == 0 {
+                assert_eq!(cache.store_dtype(), dtype);
+                assert_eq!(2 * cache.bytes(), f32_bytes, "{dtype:?}: a half-precision cache holds half the bytes");
+            }
+            let scale = max_abs(&want);
+            let bound = in_quadrature([
+                Reductions::forward_pass(&cfg, pos).bound(F32_UNIT, scale),
+                Reductions::kv_roundings(&cfg).bound(unit, scale),
+            ]);
+            worst = worst.max(max_abs_diff(&got, &want) / bound);
+            if top2_margin(&want) > 2.0 * bound {
+                assert_eq!(argmax(&got), argmax(&want), "{dtype:?} step {step}: a greedy token with a clear margin");
+            }
+            tokens = vec![argmax(&want)];
+        }
+        eprintln!("{dtype:?} weights: error / bound against the f64 run {worst:.4}");
+        assert!(worst <= 1.0, "{dtype:?}: {worst:.3} x the rounding bound away from the f64 run");
+    }
+}
+
+/// Logits of a run fed `tokens` after the prompt (not its own choices): the
+/// logits before each token is fed, as [`greedy`] returns them.
+fn forced(model: &Qwen2, frame: &Frame, variant: Variant, precision: KvPrecision, tokens: &[u32]) -> Vec<Tensor> {
+    let mut cache = model.new_cache(precision);
+    let mut logits = model.forward(&PROMPT, &mut cache, frame, variant).unwrap();
+    let mut all = Vec::with_capacity(tokens.len());
+    for &next in tokens {
+        all.push(logits);
+        logits = model.forward(&[next], &mut cache, frame, variant).unwrap();
+    }
+    all
+}
+
+/// With half-precision caches a tenant's frame stays within rounding of the
+/// identity frame, in both variants and both precisions: the frame adds the f32
+/// rotations and, in a native cache, one more half-precision rounding of each
+/// rotated row (and the plaintext rows of either run may round to neighbouring
+/// values). Fed the identity run's 32 greedy tokens, the tenant's run has logits
+/// within that bound at every step, and picks the same token wherever the
+/// margin clears it: on the test model 28 of 32 steps in f16, and 6 in bf16,
+/// whose 8 significant bits make the bound 8 times wider (the logits sit at 2%
+/// of either bound).
+#[test]
+fn tenant_keys_in_half_precision_caches_stay_within_rounding_of_the_identity_frame() {
+    let cfg = synth::tiny_config();
+    let tiny = model_dir(&cfg);
+    for (dtype, unit, clear_steps) in [(DType::F16, F16_UNIT, 24), (DType::BF16, BF16_UNIT, 4)] {
+        let model = tiny.dir.load_model(dtype, &Device::Cpu).unwrap();
+        let (want, want_logits) = greedy(&model, &Frame::Identity, Variant::ProbeTime, KvPrecision::Native, 32);
+        let chain =
+            Reductions::forward_pass(&cfg, PROMPT.len() + 32).then(Reductions::rotated_layers(&cfg, cfg.head_dim));
+        let tolerance = |logits: &Tensor| {
+            let scale = max_abs(logits);
+            in_quadrature([
+                chain.bound_between(F32_UNIT, scale),
+                Reductions::kv_roundings(&cfg).times(2).bound_between(unit, scale),
+            ])
+        };
+        let clear: Vec<usize> =
+            (0..want.len()).filter(|&i| top2_margin(&want_logits[i]) > 2.0 * tolerance(&want_logits[i])).collect();
+        eprintln!("{dtype:?}: {} of {} steps with clear margins", clear.len(), want.len());
+        assert!(clear.len() >= clear_steps, "{dtype:?}: only {} steps' margins clear the bound", clear.len());
+        let ring = keyring(&model, KvPrecision::Exact);
+        let frame = ring.frame("alice", 0).unwrap();
+        for variant in [Variant::ProbeTime, Variant::DecodeTime] {
+            for precision in [KvPrecision::Native, KvPrecision::Exact] {
+                let logits = forced(&model, &frame, variant, precision, &want);
+                for &step in &clear {
+                    assert_eq!(argmax(&logits[step]), want[step], "{dtype:?} {variant:?} {precision:?} step {step}");
+                }
+                let worst = (logits.iter().zip(&want_logits))
+                    .map(|(a, b)| max_abs_diff(a, b) / tolerance(b))
+                    .fold(0f64, f64::max);
+                eprintln!("{dtype:?} {variant:?} {precision:?}: logits {worst:.4} x the bound apart");
+                assert!(worst <= 1.0, "{dtype:?} {variant:?} {precision:?}: logits {worst:.3} x the bound apart");
+            }
+        }
+    }
+}
+
+/// A native half-precision cache rotates in f32 and rounds each rotated row
+/// once; the matched-key round trip then rounds the recovered row once more. Per
+/// element that is within two half-precision units of the row's norm each (a
+/// rounding's error vector has at most the row's norm times the unit, and the
+/// orthonormal R^T keeps its norm), plus the f32 products. A wrong key's
+/// recovery is noise at the size of the rows.
+#[test]
+fn native_half_precision_round_trip_is_within_its_rounding_and_a_wrong_key_sees_noise() {
+    for (dtype, unit) in [(DType::F16, F16_UNIT), (DType::BF16, BF16_UNIT)] {
+        let (rt, norm) = round_trip_read_by(dtype, KvPrecision::Native, "alice");
+        let d = synth::tiny_config().head_dim;
+        let bound = (4.0 * unit + rounding::round_trip(d, 2, F32_UNIT)) * norm;
+        eprintln!("{dtype:?} native round trip: {rt:?}, error / bound {:.4}", rt.max_abs_err / bound);
+        assert!(rt.max_abs_err <= bound, "{dtype:?} {rt:?}: the bound is {bound:e} (rows of norm up to {norm})");
+        let (wrong, _) = round_trip_read_by(dtype, KvPrecision::Native, "mallory");
+        assert!(wrong.max_abs_err >= 10.0 * bound, "{dtype:?}: a wrong key recovered within {:e}", wrong.max_abs_err);
+    }
+}
+
 /// Runs a prompt and 4 decode steps, keeping the plaintext K and V each layer wrote.
 fn traced_run(
     model: &Qwen2,
@@ -288,19 +426,23 @@ fn native_f32_round_trip_error_is_within_a_few_ulp() {
 /// What sits in a tenant's cache is not the plaintext: each cached row's cosine
 /// with its plaintext row is at the 1/sqrt(d) noise level.
 #[test]
-fn tenant_cache_holds_no_plaintext_rows() {
+fn tenant_cache_holds_no_plaintext_rows_in_f32_or_half_precision() {
     let tiny = model_dir(&synth::tiny_config());
     let dir = &tiny.dir;
-    let model = dir.load_model(DType::F32, &Device::Cpu).unwrap();
-    let frame = keyring(&model, KvPrecision::Native).frame("alice", 0).unwrap();
-    let (cache, plain_k, _) = traced_run(&model, &frame, KvPrecision::Native);
-    for (layer, plain) in plain_k.iter().enumerate() {
-        let (stored, _) = cache.stored_rows(layer, cache.len()).unwrap();
-        let dot = (stored.contiguous().unwrap() * plain).unwrap().sum(2).unwrap();
-        let norms =
-            (stored.sqr().unwrap().sum(2).unwrap() * plain.sqr().unwrap().sum(2).unwrap()).unwrap().sqrt().unwrap();
-        let worst = (dot / norms).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(worst < 0.5, "layer {layer}: a cached row has cosine {worst} with its plaintext");
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let model = dir.load_model(dtype, &Device::Cpu).unwrap();
+        let frame = keyring(&model, KvPrecision::Native).frame("alice", 0).unwrap();
+        let (cache, plain_k, _) = traced_run(&model, &frame, KvPrecision::Native);
+        for (layer, plain) in plain_k.iter().enumerate() {
+            let (stored, _) = cache.stored_rows(layer, cache.len()).unwrap();
+            assert_eq!(stored.dtype(), dtype);
+            let (stored, plain) = (stored.to_dtype(DType::F32).unwrap(), plain.to_dtype(DType::F32).unwrap());
+            let dot = (stored.contiguous().unwrap() * &plain).unwrap().sum(2).unwrap();
+            let norms =
+                (stored.sqr().unwrap().sum(2).unwrap() * plain.sqr().unwrap().sum(2).unwrap()).unwrap().sqrt().unwrap();
+            let worst = (dot / norms).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(worst < 0.5, "{dtype:?} layer {layer}: a cached row has cosine {worst} with its plaintext");
+        }
     }
 }
 

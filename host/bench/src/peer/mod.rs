@@ -1,8 +1,10 @@
 //! `kframe bench peer`: kframe against llama.cpp on the same model and machine.
 //!
-//! The model is written as GGUF twice (f32 and f16 weights, [`gguf`]); both
-//! engines are first checked to choose the same greedy tokens for the same
-//! token-id prompts, then timed in alternating pairs ([`llamacpp`] runs llama.cpp's
+//! The model is written as GGUF twice (f32 and f16 weights, [`gguf`]), and
+//! kframe runs it with f32 and with f16 weights (`--dtype f16`: f16 weights and
+//! K/V cache, f32 arithmetic, as llama.cpp runs an f16 GGUF). The engines are
+//! first checked to choose the same greedy tokens for the same token-id prompts,
+//! then timed in alternating pairs ([`llamacpp`] runs llama.cpp's
 //! own `llama-batched-bench`), each run after the machine has gone quiet. Three
 //! workloads, each as llama-batched-bench defines it:
 //!
@@ -13,7 +15,9 @@
 //! kframe runs as `kframe serve` does by default (every isolation feature on:
 //! each tenant in its own frame, norm padding, verification, policy components),
 //! so its times include sampling, which llama-batched-bench leaves out. Ratios
-//! are kframe / llama.cpp per pair, and the report gives their medians.
+//! are kframe / llama.cpp per pair, and the report gives their medians: batch 1
+//! at the same weight precision, batch 32 and prefill each engine's best
+//! precision against the other's.
 
 pub mod gguf;
 pub mod llamacpp;
@@ -25,6 +29,7 @@ use kframe_core::cache::KvPrecision;
 use kframe_core::keys::MasterSecret;
 use kframe_core::rotation::{Frame, Keyring};
 use kframe_engine::{Engine, Event, Submit, Tenant};
+use kframe_model::device::DtypeChoice;
 use kframe_model::generate::SamplingParams;
 use kframe_model::{ModelBundle, Variant};
 use llamacpp::LlamaCpp;
@@ -64,7 +69,8 @@ pub struct Speeds {
 pub struct Pair {
     pub llamacpp_f32: Speeds,
     pub llamacpp_f16: Speeds,
-    pub kframe: Speeds,
+    pub kframe_f32: Speeds,
+    pub kframe_f16: Speeds,
     /// Whether the machine was quiet (under a tenth busy) before every run.
     pub quiet: bool,
 }
@@ -73,12 +79,15 @@ pub struct Pair {
 pub struct GreedyCheck {
     pub prompts: usize,
     pub tokens_each: usize,
-    /// kframe in the identity frame and in a tenant's frame chose the same tokens.
+    /// kframe (f32 weights) in the identity frame and in a tenant's frame chose
+    /// the same tokens.
     pub kframe_identity_equals_tenant_frame: bool,
     /// llama.cpp (f32 weights) chose kframe's tokens for every prompt.
     pub llamacpp_f32_equals_kframe: bool,
-    /// Prompts (of `prompts`) on which llama.cpp with f16 weights chose kframe's
-    /// f32 tokens: f16 weights round differently, so a near-tie may flip.
+    /// The same two checks with f16 weights, as prompts (of `prompts`) on which
+    /// the tokens agree: an f16 cache rounds a tenant's rotated rows, and the two
+    /// engines round their arithmetic differently, so a near-tie may flip.
+    pub kframe_f16_tenant_frame_prompts_equal: usize,
     pub llamacpp_f16_prompts_equal: usize,
     /// Where llama.cpp (f32) first chose otherwise, if it did.
     pub first_difference: Option<Difference>,
@@ -100,9 +109,6 @@ pub struct PeerReport {
     pub model: String,
     pub machine: String,
     pub threads: usize,
-    /// kframe's weight precision (its only one today; both llama.cpp precisions
-    /// are compared with it).
-    pub kframe_weights: WeightType,
     pub batch1_over_llamacpp_f32: f64,
     pub batch1_over_llamacpp_f16: f64,
     pub batch32_over_llamacpp_best: f64,
@@ -118,7 +124,8 @@ pub struct PeerReport {
 pub struct MedianSpeeds {
     pub llamacpp_f32: Speeds,
     pub llamacpp_f16: Speeds,
-    pub kframe: Speeds,
+    pub kframe_f32: Speeds,
+    pub kframe_f16: Speeds,
 }
 
 const MASTER: [u8; 32] = [0x70; 32];
@@ -133,32 +140,48 @@ pub fn peer(opts: &PeerBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::
     gguf::write(&dir, WeightType::F32, &f32_file)?;
     gguf::write(&dir, WeightType::F16, &f16_file)?;
 
-    let bundle = ModelBundle::load(&dir, DType::F32, &Device::Cpu)?;
-    let vocab = bundle.model.config().vocab_size as u32;
-    let token = |i: usize| (i as u32).wrapping_mul(7919).wrapping_add(13) % (vocab - 1) + 1;
+    let token = prompt_token(dir.config.vocab_size);
     let prompts: Vec<Vec<u32>> =
         (0..GREEDY_PROMPTS).map(|p| (0..PROMPT).map(|i| token(p * 101 + i)).collect()).collect();
-    progress("greedy tokens: kframe (identity and tenant frames) and llama.cpp (f32, f16)");
-    let ring = Keyring::builder(MasterSecret::from_bytes(MASTER), bundle.model.rotation_shape()).build();
-    let tenant_frame = ring.frame("peer-bench", 0)?;
-    let (identity, margins) = greedy(&bundle, &prompts, &Frame::Identity)?;
-    let (framed, _) = greedy(&bundle, &prompts, &tenant_frame)?;
+    progress("greedy tokens: kframe (identity and tenant frames; f32, f16) and llama.cpp (f32, f16)");
+    let kframe_greedy = |dtype: DType| -> anyhow::Result<(Tokens, Tokens, Vec<Vec<f32>>)> {
+        let bundle = ModelBundle::load(&dir, dtype, &Device::Cpu)?;
+        let ring = Keyring::builder(MasterSecret::from_bytes(MASTER), bundle.model.rotation_shape())
+            .dtype(bundle.model.dtype())
+            .build();
+        let tenant_frame = ring.frame("peer-bench", 0)?;
+        let (identity, margins) = greedy(&bundle, &prompts, &Frame::Identity)?;
+        let (framed, _) = greedy(&bundle, &prompts, &tenant_frame)?;
+        Ok((identity, framed, margins))
+    };
+    let (identity, framed, margins) = kframe_greedy(DType::F32)?;
+    let (identity16, framed16, _) = kframe_greedy(DType::F16)?;
     let llama_f32 = llama.greedy(&f32_file, &prompts, GREEDY_TOKENS)?;
     let llama_f16 = llama.greedy(&f16_file, &prompts, GREEDY_TOKENS)?;
+    let agree = |a: &Tokens, b: &Tokens| a.iter().zip(b).filter(|(a, b)| a == b).count();
     let greedy = GreedyCheck {
         prompts: prompts.len(),
         tokens_each: GREEDY_TOKENS,
         kframe_identity_equals_tenant_frame: identity == framed,
         llamacpp_f32_equals_kframe: llama_f32 == identity,
-        llamacpp_f16_prompts_equal: llama_f16.iter().zip(&identity).filter(|(a, b)| a == b).count(),
+        kframe_f16_tenant_frame_prompts_equal: agree(&identity16, &framed16),
+        llamacpp_f16_prompts_equal: agree(&llama_f16, &identity16),
         first_difference: first_difference(&identity, &llama_f32, &margins),
     };
-    drop(bundle);
 
-    let (engine, _) = serving_engine(&dir)?;
-    let kframe_prompts = full_length_prompts(&engine, token)?;
+    let (engine32, _) = serving_engine(&dir, DType::F32)?;
+    let (engine16, _) = serving_engine(&dir, DType::F16)?;
+    let kframe_prompts = full_length_prompts(&engine32, token)?;
     // One unmeasured round first, as llama-batched-bench warms up before it times.
-    kframe_speeds(&engine, &kframe_prompts, token)?;
+    kframe_speeds(&engine32, &kframe_prompts, token)?;
+    kframe_speeds(&engine16, &kframe_prompts, token)?;
+    let kframe_runs = |quiet: &mut bool| -> anyhow::Result<(Speeds, Speeds)> {
+        *quiet &= wait_for_quiet();
+        let f32 = kframe_speeds(&engine32, &kframe_prompts, token)?;
+        *quiet &= wait_for_quiet();
+        let f16 = kframe_speeds(&engine16, &kframe_prompts, token)?;
+        Ok((f32, f16))
+    };
     let mut pairs = Vec::with_capacity(opts.pairs);
     for i in 0..opts.pairs {
         progress(&format!("pair {} of {}", i + 1, opts.pairs));
@@ -172,19 +195,17 @@ pub fn peer(opts: &PeerBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::
         };
         // Alternate which engine goes first, so that drift within a pair favours
         // neither.
-        let (llamacpp_f32, llamacpp_f16, kframe) = if i % 2 == 0 {
-            let (a, b) = llama_runs(&mut quiet)?;
-            quiet &= wait_for_quiet();
-            (a, b, kframe_speeds(&engine, &kframe_prompts, token)?)
+        let ((llamacpp_f32, llamacpp_f16), (kframe_f32, kframe_f16)) = if i % 2 == 0 {
+            let llama = llama_runs(&mut quiet)?;
+            (llama, kframe_runs(&mut quiet)?)
         } else {
-            quiet &= wait_for_quiet();
-            let k = kframe_speeds(&engine, &kframe_prompts, token)?;
-            let (a, b) = llama_runs(&mut quiet)?;
-            (a, b, k)
+            let kframe = kframe_runs(&mut quiet)?;
+            (llama_runs(&mut quiet)?, kframe)
         };
-        pairs.push(Pair { llamacpp_f32, llamacpp_f16, kframe, quiet });
+        pairs.push(Pair { llamacpp_f32, llamacpp_f16, kframe_f32, kframe_f16, quiet });
     }
     let ratio = |f: &dyn Fn(&Pair) -> f64| median(pairs.iter().map(f).collect());
+    let best = |a: &Speeds, b: &Speeds, f: fn(&Speeds) -> f64| f(a).max(f(b));
     let speeds = |f: &dyn Fn(&Pair) -> Speeds| Speeds {
         batch1_tok_s: median(pairs.iter().map(|p| f(p).batch1_tok_s).collect()),
         batch32_tok_s: median(pairs.iter().map(|p| f(p).batch32_tok_s).collect()),
@@ -194,22 +215,51 @@ pub fn peer(opts: &PeerBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::
         model: model_name,
         machine: kframe_model::device::machine(),
         threads: opts.threads,
-        kframe_weights: WeightType::F32,
-        batch1_over_llamacpp_f32: ratio(&|p| p.kframe.batch1_tok_s / p.llamacpp_f32.batch1_tok_s),
-        batch1_over_llamacpp_f16: ratio(&|p| p.kframe.batch1_tok_s / p.llamacpp_f16.batch1_tok_s),
+        batch1_over_llamacpp_f32: ratio(&|p| p.kframe_f32.batch1_tok_s / p.llamacpp_f32.batch1_tok_s),
+        batch1_over_llamacpp_f16: ratio(&|p| p.kframe_f16.batch1_tok_s / p.llamacpp_f16.batch1_tok_s),
         batch32_over_llamacpp_best: ratio(&|p| {
-            p.kframe.batch32_tok_s / p.llamacpp_f32.batch32_tok_s.max(p.llamacpp_f16.batch32_tok_s)
+            let f = |s: &Speeds| s.batch32_tok_s;
+            best(&p.kframe_f32, &p.kframe_f16, f) / best(&p.llamacpp_f32, &p.llamacpp_f16, f)
         }),
-        prefill256_over_llamacpp: ratio(&|p| p.kframe.prefill256_tok_s / p.llamacpp_f32.prefill256_tok_s),
+        prefill256_over_llamacpp: ratio(&|p| {
+            let f = |s: &Speeds| s.prefill256_tok_s;
+            best(&p.kframe_f32, &p.kframe_f16, f) / best(&p.llamacpp_f32, &p.llamacpp_f16, f)
+        }),
         same_greedy_tokens: greedy.kframe_identity_equals_tenant_frame && greedy.llamacpp_f32_equals_kframe,
         greedy,
         median: MedianSpeeds {
             llamacpp_f32: speeds(&|p| p.llamacpp_f32),
             llamacpp_f16: speeds(&|p| p.llamacpp_f16),
-            kframe: speeds(&|p| p.kframe),
+            kframe_f32: speeds(&|p| p.kframe_f32),
+            kframe_f16: speeds(&|p| p.kframe_f16),
         },
         pairs,
     })
+}
+
+/// kframe's side of the benchmark alone, `rounds` times after one unmeasured
+/// round: the same engine (with `dtype` weights), prompts and workloads as
+/// [`peer`], with no llama.cpp
+/// (for profiling kframe, and for machines without a llama.cpp build).
+pub fn kframe_alone(rounds: usize, dtype: DtypeChoice, mut progress: impl FnMut(&str)) -> anyhow::Result<Vec<Speeds>> {
+    let (dir, _, _guard) = model_dir()?;
+    let token = prompt_token(dir.config.vocab_size);
+    let (engine, _) = serving_engine(&dir, kframe_model::device::dtype(dtype, &Device::Cpu))?;
+    let prompts = full_length_prompts(&engine, token)?;
+    kframe_speeds(&engine, &prompts, token)?;
+    (0..rounds)
+        .map(|i| {
+            progress(&format!("round {} of {rounds}", i + 1));
+            kframe_speeds(&engine, &prompts, token)
+        })
+        .collect()
+}
+
+/// The i-th token of the benchmark's prompts: spread over the vocabulary, never
+/// id 0.
+fn prompt_token(vocab_size: usize) -> impl Fn(usize) -> u32 + Copy {
+    let vocab = vocab_size as u32;
+    move |i| (i as u32).wrapping_mul(7919).wrapping_add(13) % (vocab - 1) + 1
 }
 
 type Tokens = Vec<Vec<u32>>;
@@ -286,6 +336,11 @@ fn full_length_prompts(engine: &Engine, token: impl Fn(usize) -> u32) -> anyhow:
 }
 
 fn kframe_speeds(engine: &Engine, prompts: &[Vec<u32>], token: impl Fn(usize) -> u32) -> anyhow::Result<Speeds> {
+    // A short warm-up first, as llama-batched-bench decodes a warm-up batch just
+    // before it times: after the quiet wait the weights have left the caches and
+    // the compute threads sleep (the first request after a second idle ran about
+    // a third slower than the next).
+    run(engine, 1, &prompts[0], PROMPT)?;
     let start = Instant::now();
     let (one, _) = run(engine, 1, &prompts[0], GENERATED)?;
     let batch1 = one as f64 / start.elapsed().as_secs_f64();
@@ -376,19 +431,17 @@ impl PeerReport {
         let m = &self.median;
         let row = |name: &str, f: &dyn Fn(&Speeds) -> f64, ratio: String| {
             format!(
-                "{name:<34} {:>10.0} {:>10.0} {:>10.0}  {ratio}\n",
+                "{name:<34} {:>10.0} {:>10.0} {:>10.0} {:>10.0}  {ratio}\n",
                 f(&m.llamacpp_f32),
                 f(&m.llamacpp_f16),
-                f(&m.kframe)
+                f(&m.kframe_f32),
+                f(&m.kframe_f16)
             )
         };
-        let mut s = format!(
-            "model: {}\nmachine: {}, {} threads; kframe weights {:?}\n\n",
-            self.model, self.machine, self.threads, self.kframe_weights
-        );
+        let mut s = format!("model: {}\nmachine: {}, {} threads\n\n", self.model, self.machine, self.threads);
         s += &format!(
-            "{:<34} {:>10} {:>10} {:>10}  kframe / llama.cpp\n",
-            "tokens/s (median of pairs)", "llama f32", "llama f16", "kframe"
+            "{:<34} {:>10} {:>10} {:>10} {:>10}  kframe / llama.cpp\n",
+            "tokens/s (median of pairs)", "llama f32", "llama f16", "kframe f32", "kframe f16"
         );
         s += &row(
             "batch 1, 16 + 64 generated",
@@ -398,15 +451,20 @@ impl PeerReport {
         s += &row(
             "32 sequences, generated / total",
             &|x| x.batch32_tok_s,
-            format!("{:.2} (best)", self.batch32_over_llamacpp_best),
+            format!("{:.2} (best / best)", self.batch32_over_llamacpp_best),
         );
-        s +=
-            &row("prefill, 256 tokens", &|x| x.prefill256_tok_s, format!("{:.2} (f32)", self.prefill256_over_llamacpp));
+        s += &row(
+            "prefill, 256 tokens",
+            &|x| x.prefill256_tok_s,
+            format!("{:.2} (best / best)", self.prefill256_over_llamacpp),
+        );
         s += &format!(
-            "\nsame greedy tokens: {} ({} prompts x {} tokens; llama.cpp f16 agrees on {})\npairs: {} ({} quiet)\n",
+            "\nsame greedy tokens (f32): {} ({} prompts x {} tokens); with f16 weights a tenant's frame agrees with \
+             the identity on {} prompts, llama.cpp with kframe on {}\npairs: {} ({} quiet)\n",
             self.same_greedy_tokens,
             self.greedy.prompts,
             self.greedy.tokens_each,
+            self.greedy.kframe_f16_tenant_frame_prompts_equal,
             self.greedy.llamacpp_f16_prompts_equal,
             self.pairs.len(),
             self.pairs.iter().filter(|p| p.quiet).count()

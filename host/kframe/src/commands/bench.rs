@@ -12,8 +12,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let report = bench::rotation(&opts, progress)?;
             print_report(&report, json, report.to_text())
         }
-        BenchCommand::Serve { json, tenants } => {
-            let opts = bench::ServeBenchOptions { tenants, ..Default::default() };
+        BenchCommand::Serve { json, tenants, dtype } => {
+            let opts = bench::ServeBenchOptions { tenants, dtype: dtype.into(), ..Default::default() };
             let report = bench::serve(&opts, progress)?;
             print_report(&report, json, report.to_text())
         }
@@ -26,7 +26,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let report = bench::plugins()?;
             print_report(&report, json, report.to_text())
         }
-        BenchCommand::Peer { json, llama_cpp, work_dir, pairs } => {
+        BenchCommand::Peer { json, llama_cpp, work_dir, pairs, kframe_only, dtype } => {
             // kframe's matrix products run on rayon's pool, which reads this too.
             let threads = std::env::var("RAYON_NUM_THREADS")
                 .ok()
@@ -34,6 +34,19 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 .filter(|&n| n > 0)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             anyhow::ensure!(pairs > 0, "--pairs must be at least 1");
+            if kframe_only {
+                let rounds = bench::peer::kframe_alone(pairs, dtype.into(), progress)?;
+                let text = (rounds.iter())
+                    .map(|s| {
+                        format!(
+                            "batch 1 {:.0} tok/s, batch 32 {:.0} tok/s, prefill 256 {:.0} tok/s",
+                            s.batch1_tok_s, s.batch32_tok_s, s.prefill256_tok_s
+                        )
+                    })
+                    .map(|line| line + "\n")
+                    .collect::<String>();
+                return print_report(&rounds, json, text);
+            }
             let opts = bench::PeerBenchOptions { llama_cpp, work_dir, pairs, threads };
             let report = bench::peer(&opts, progress)?;
             print_report(&report, json, report.to_text())
