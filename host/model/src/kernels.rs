@@ -163,12 +163,20 @@ pub fn rows_product<W: Weight>(x: &[f32], b: usize, k: usize, w: &[W], n: usize,
                 &w[r * k..(r + 1) * k]
             });
             for i0 in (0..b).step_by(BLOCK_ROWS) {
-                let xr = block(x, k, b, i0);
-                let dots = dots(isa, xr, wr, k);
-                for (bi, dots) in dots.iter().enumerate().take((b - i0).min(BLOCK_ROWS)) {
-                    for (q, &v) in dots.iter().enumerate().take(rows) {
-                        out.set(i0 + bi, r0 + q, v);
+                let put = |dots: &[[f32; 4]]| {
+                    for (bi, dots) in dots.iter().enumerate() {
+                        for (q, &v) in dots.iter().enumerate().take(rows) {
+                            out.set(i0 + bi, r0 + q, v);
+                        }
                     }
+                };
+                // A block of as many rows as are left, so that one row costs
+                // one row's arithmetic.
+                match b - i0 {
+                    1 => put(&dots::<W, 1>(isa, block(x, k, i0), wr, k)),
+                    2 => put(&dots::<W, 2>(isa, block(x, k, i0), wr, k)),
+                    3 => put(&dots::<W, 3>(isa, block(x, k, i0), wr, k)),
+                    _ => put(&dots::<W, 4>(isa, block(x, k, i0), wr, k)),
                 }
             }
         }
@@ -227,31 +235,44 @@ pub fn cols_product<W: Weight>(x: &[f32], b: usize, k: usize, wt: &[W], n: usize
     split(n, 64, n * k * size_of::<W>(), out, |c0, c1, out| {
         // Tiles of 64 columns: a tile's weights (k x 64) stay in L1 or L2 while
         // every block of rows passes over them.
-        let mut acc = [[0f32; 64]; BLOCK_ROWS];
+        #[allow(clippy::too_many_arguments)]
+        fn tile<W: Weight, const R: usize>(
+            isa: Isa,
+            x: &[f32],
+            k: usize,
+            i0: usize,
+            wt: &[W],
+            n: usize,
+            t0: usize,
+            width: usize,
+            out: Out,
+        ) {
+            let mut acc = [[0f32; 64]; R];
+            axpy::<W, R>(isa, block(x, k, i0), wt, n, t0, width, &mut acc);
+            for (bi, a) in acc.iter().enumerate() {
+                for (c, &v) in a[..width].iter().enumerate() {
+                    out.set(i0 + bi, t0 + c, v);
+                }
+            }
+        }
         for t0 in (c0..c1).step_by(64) {
             let width = (c1 - t0).min(64);
             for i0 in (0..b).step_by(BLOCK_ROWS) {
-                let xr = block(x, k, b, i0);
-                for a in acc.iter_mut() {
-                    a[..width].fill(0.0);
-                }
-                axpy(isa, xr, wt, n, t0, width, &mut acc);
-                for (bi, a) in acc.iter().enumerate().take((b - i0).min(BLOCK_ROWS)) {
-                    for (c, &v) in a[..width].iter().enumerate() {
-                        out.set(i0 + bi, t0 + c, v);
-                    }
+                // As many rows as are left (see `rows_product`).
+                match b - i0 {
+                    1 => tile::<W, 1>(isa, x, k, i0, wt, n, t0, width, out),
+                    2 => tile::<W, 2>(isa, x, k, i0, wt, n, t0, width, out),
+                    3 => tile::<W, 3>(isa, x, k, i0, wt, n, t0, width, out),
+                    _ => tile::<W, 4>(isa, x, k, i0, wt, n, t0, width, out),
                 }
             }
         }
     });
 }
 
-/// Rows i0..i0 + 4 of x (b, k); a ragged block repeats its last row.
-fn block(x: &[f32], k: usize, b: usize, i0: usize) -> [&[f32]; BLOCK_ROWS] {
-    std::array::from_fn(|q| {
-        let i = (i0 + q).min(b - 1);
-        &x[i * k..(i + 1) * k]
-    })
+/// Rows i0..i0 + R of x (rows of k).
+fn block<const R: usize>(x: &[f32], k: usize, i0: usize) -> [&[f32]; R] {
+    std::array::from_fn(|q| &x[(i0 + q) * k..(i0 + q + 1) * k])
 }
 
 /// The output matrix (b, n), written by several threads at once, each to its own
@@ -291,7 +312,7 @@ fn split(n: usize, align: usize, bytes: usize, out: &mut [f32], work: impl Fn(us
 }
 
 /// dots[i][q] = sum_j x[i][j] * w[q][j]: four activation rows by four weight rows.
-fn dots<W: Weight>(isa: Isa, x: [&[f32]; 4], w: [&[W]; 4], k: usize) -> [[f32; 4]; 4] {
+fn dots<W: Weight, const R: usize>(isa: Isa, x: [&[f32]; R], w: [&[W]; 4], k: usize) -> [[f32; 4]; R] {
     match isa {
         // SAFETY: the features were detected at run time; every row holds k values.
         #[cfg(target_arch = "x86_64")]
@@ -305,7 +326,15 @@ fn dots<W: Weight>(isa: Isa, x: [&[f32]; 4], w: [&[W]; 4], k: usize) -> [[f32; 4
 }
 
 /// acc[i][c] += sum_j x[i][j] * wt[j * n + c0 + c] for c < width <= 64.
-fn axpy<W: Weight>(isa: Isa, x: [&[f32]; 4], wt: &[W], n: usize, c0: usize, width: usize, acc: &mut [[f32; 64]; 4]) {
+fn axpy<W: Weight, const R: usize>(
+    isa: Isa,
+    x: [&[f32]; R],
+    wt: &[W],
+    n: usize,
+    c0: usize,
+    width: usize,
+    acc: &mut [[f32; 64]; R],
+) {
     let k = x[0].len();
     assert!(width <= 64 && c0 + width <= n && wt.len() >= k * n);
     match isa {
@@ -319,14 +348,14 @@ fn axpy<W: Weight>(isa: Isa, x: [&[f32]; 4], wt: &[W], n: usize, c0: usize, widt
 }
 
 /// [`axpy`] for columns from..width, in plain Rust (the SIMD kernels' tails).
-fn axpy_portable<W: Weight>(
-    x: [&[f32]; 4],
+fn axpy_portable<W: Weight, const R: usize>(
+    x: [&[f32]; R],
     wt: &[W],
     n: usize,
     c0: usize,
     from: usize,
     width: usize,
-    acc: &mut [[f32; 64]; 4],
+    acc: &mut [[f32; 64]; R],
 ) {
     for j in 0..x[0].len() {
         let row = &wt[j * n + c0..j * n + c0 + width];
@@ -453,10 +482,10 @@ mod x86 {
     /// Sixteen accumulators (four x rows by four w rows) of 16 lanes; each loaded
     /// vector serves four products. The tail is scalar.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn dots_avx512<W: Weight>(x: [&[f32]; 4], w: [&[W]; 4], k: usize) -> [[f32; 4]; 4] {
+    pub unsafe fn dots_avx512<W: Weight, const R: usize>(x: [&[f32]; R], w: [&[W]; 4], k: usize) -> [[f32; 4]; R] {
         let kind = kind::<W>();
         assert!(x.iter().all(|r| r.len() >= k) && w.iter().all(|r| r.len() >= k));
-        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let mut j = 0;
         while j + 16 <= k {
             let wv: [__m512; 4] = std::array::from_fn(|q| load16(kind, w[q].as_ptr().add(j)));
@@ -480,10 +509,10 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dots_avx2<W: Weight>(x: [&[f32]; 4], w: [&[W]; 4], k: usize) -> [[f32; 4]; 4] {
+    pub unsafe fn dots_avx2<W: Weight, const R: usize>(x: [&[f32]; R], w: [&[W]; 4], k: usize) -> [[f32; 4]; R] {
         let kind = kind::<W>();
         assert!(x.iter().all(|r| r.len() >= k) && w.iter().all(|r| r.len() >= k));
-        let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
         let mut j = 0;
         while j + 8 <= k {
             let wv: [__m256; 4] = std::array::from_fn(|q| load8(kind, w[q].as_ptr().add(j)));
@@ -509,20 +538,20 @@ mod x86 {
     /// Columns in blocks of 64 (four registers per row, sixteen accumulators),
     /// then 16, then one at a time.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpy_avx512<W: Weight>(
-        x: [&[f32]; 4],
+    pub unsafe fn axpy_avx512<W: Weight, const R: usize>(
+        x: [&[f32]; R],
         wt: &[W],
         n: usize,
         c0: usize,
         width: usize,
-        acc: &mut [[f32; 64]; 4],
+        acc: &mut [[f32; 64]; R],
     ) {
         let kind = kind::<W>();
         let k = x[0].len();
         let pw = wt.as_ptr();
         let mut c = 0;
         while c + 64 <= width {
-            let mut v = [[_mm512_setzero_ps(); 4]; 4];
+            let mut v = [[_mm512_setzero_ps(); 4]; R];
             for j in 0..k {
                 let row = pw.add(j * n + c0 + c);
                 let wv: [__m512; 4] = std::array::from_fn(|q| load16(kind, row.add(16 * q)));
@@ -542,7 +571,7 @@ mod x86 {
             c += 64;
         }
         while c + 16 <= width {
-            let mut v = [_mm512_setzero_ps(); 4];
+            let mut v = [_mm512_setzero_ps(); R];
             for j in 0..k {
                 let wv = load16(kind, pw.add(j * n + c0 + c));
                 for (i, v) in v.iter_mut().enumerate() {
@@ -559,13 +588,13 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn axpy_avx2<W: Weight>(
-        x: [&[f32]; 4],
+    pub unsafe fn axpy_avx2<W: Weight, const R: usize>(
+        x: [&[f32]; R],
         wt: &[W],
         n: usize,
         c0: usize,
         width: usize,
-        acc: &mut [[f32; 64]; 4],
+        acc: &mut [[f32; 64]; R],
     ) {
         let kind = kind::<W>();
         let k = x[0].len();
@@ -573,7 +602,7 @@ mod x86 {
         let mut c = 0;
         // Two registers per row: eight accumulators, of the sixteen AVX2 has.
         while c + 16 <= width {
-            let mut v = [[_mm256_setzero_ps(); 2]; 4];
+            let mut v = [[_mm256_setzero_ps(); 2]; R];
             for j in 0..k {
                 let row = pw.add(j * n + c0 + c);
                 let wv = [load8(kind, row), load8(kind, row.add(8))];
@@ -715,6 +744,13 @@ mod tests {
                 }
             }
             check(&x, 4, k, n, |j, c| w[c * k + j].to_f32(), &got);
+            // One and three rows: the blocks a ragged batch ends with.
+            let one = dots(isa, [xr[0]], [&w[..k], &w[k..2 * k], &w[2 * k..3 * k], &w[3 * k..4 * k]], k);
+            let three =
+                dots(isa, [xr[0], xr[1], xr[2]], [&w[..k], &w[k..2 * k], &w[2 * k..3 * k], &w[3 * k..4 * k]], k);
+            for (i, row) in three.iter().chain(&one).enumerate() {
+                check(&x[(i % 3) * k..], 1, k, 4, |j, c| w[c * k + j].to_f32(), row);
+            }
             // w read as Wt (k / 2, n): the first 150 of its 300 rows.
             let half = k / 2;
             let xh: Vec<f32> = (0..4).flat_map(|i| x[i * k..i * k + half].to_vec()).collect();
@@ -728,6 +764,9 @@ mod tests {
             axpy(isa, xr, &w, n, 100, 50, &mut acc);
             let flat: Vec<f32> = acc.iter().flat_map(|a| a[..50].to_vec()).collect();
             check(&xh, 4, half, 50, |j, c| w[j * n + 100 + c].to_f32(), &flat);
+            let mut acc = [[0f32; 64]; 1];
+            axpy(isa, [xr[0]], &w, n, 7, width, &mut acc);
+            check(&xh, 1, half, width, |j, c| w[j * n + 7 + c].to_f32(), &acc[0][..width]);
         }
     }
 

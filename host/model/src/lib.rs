@@ -5,7 +5,8 @@
 //!
 //! - [`config`]: `config.json` as the Qwen2.5 releases write it.
 //! - [`load`]: opening a Hugging Face style directory, or the embedded model.
-//! - [`kernels`]: the decode steps' weight products on the CPU (few rows).
+//! - [`kernels`]: weight products on the CPU, f32 or half-precision weights.
+//! - [`fused`]: single-query attention over a cache, read in place.
 //! - [`qwen2`]: the forward pass. Each sequence's K and V are rotated into its
 //!   frame between RoPE and the cache write; one code path serves one sequence and
 //!   a batch alike.
@@ -54,6 +55,7 @@ pub mod config;
 pub mod corpus;
 pub mod device;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod kernels;
 pub mod load;

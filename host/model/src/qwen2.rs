@@ -9,6 +9,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::fused;
 use crate::kernels::{self, Form};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
@@ -619,6 +620,30 @@ impl Attention {
         cache.write(index, seq.pos, &k_store, &v_store)?;
         let len = seq.pos + t;
         let (keys, values) = cache.stored_rows(index, len - cache.offset())?; // (kv, own, w), storage dtype
+                                                                              // A decode token with nothing masked reads the cache in place (probe-time
+                                                                              // rotates the query and the output, never the cache).
+        if t == 1 && failed.is_none() && (rot.is_none() || seq.variant == Variant::ProbeTime) {
+            let q_own = match rot {
+                Some(r) => r.rotate_q(q)?,
+                None => q.clone(),
+            };
+            let prefix = match cache.shared_prefix() {
+                Some(p) => Some(p.cache.stored_rows(index, p.cache.len())?),
+                None => None,
+            };
+            if let Some((head, own)) =
+                fused::single_query(q, &q_own, prefix.as_ref().map(|(k, v)| (k, v)), &keys, &values)?
+            {
+                let own = match rot {
+                    Some(r) => r.unrotate_out(&own)?,
+                    None => own,
+                };
+                return Ok(match head {
+                    None => own,
+                    Some(head) => (head + own)?,
+                });
+            }
+        }
         let (keys, values) = (keys.to_dtype(q.dtype())?, values.to_dtype(q.dtype())?);
         let shared = match cache.shared_rows(index)? {
             Some((k, v)) => Some((k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?)),
@@ -659,7 +684,7 @@ impl Attention {
 /// `q_own` (the query in the rows' frame: rotated, probe-time). One softmax spans
 /// both. Returns the prefix's share of the output (model frame) and the own rows'
 /// share (in their frame: the caller un-rotates it).
-fn attend(
+pub(crate) fn attend(
     q: &Tensor,
     q_own: &Tensor,
     shared: Option<&(Tensor, Tensor)>,
