@@ -508,9 +508,10 @@ fn eviction_trace(server: &Server, names: [&str; 4]) -> (Vec<u64>, Vec<u64>) {
 #[test]
 fn an_eviction_policy_put_over_http_changes_the_next_eviction_without_a_restart() {
     let f = fixture();
-    // Room for three and a half 24-token sessions: 4.5 KiB a token in this model (4 KiB
-    // of K and V, plus 512 bytes for the default norm padding of layer 0 by 32 dimensions).
-    let budget = (3 * 24 + 12) * 4608;
+    // Room for three and a half 24-token sessions: 2.25 KiB a token in this model with
+    // the default f16 cache (2 KiB of K and V, plus 256 bytes for the default norm
+    // padding of layer 0 by 32 dimensions).
+    let budget = (3 * 24 + 12) * 2304;
     let server = Server::start(&f.model, &f.data, &["--kv-budget", &budget.to_string()]);
     let put = |name: &str, config: &str| {
         let path = format!("/admin/policies/eviction?name={name}&config={config}");

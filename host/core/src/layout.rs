@@ -42,8 +42,8 @@ pub const CALIBRATION_FILE: &str = "kframe-pad.json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvPrecision {
-    /// Rotated values in the model's dtype (f32 on CPU): smallest; round trip to
-    /// within a few ulp.
+    /// Rotated values in the model's K/V dtype (f16 on the CPU by default):
+    /// smallest; round trip to within a few units of that dtype.
     #[default]
     Native,
     /// Rotated values in f64: the round trip is bit-exact in f16/bf16.

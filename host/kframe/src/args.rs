@@ -363,7 +363,7 @@ impl From<DeviceArg> for DeviceChoice {
 /// `--dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum DtypeArg {
-    /// f32 on CPU, bf16 on CUDA, f16 on Metal. On the CPU, f16 and bf16 hold
+    /// f16 on CPU, bf16 on CUDA, f16 on Metal. On the CPU, f16 and bf16 hold
     /// the weights and the K/V cache while the arithmetic stays f32.
     #[default]
     Auto,

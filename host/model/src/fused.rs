@@ -11,7 +11,8 @@
 //!
 //! The arithmetic is the chain's: scores in f32, one softmax over the shared
 //! prefix's rows and the sequence's own, f32 weighted sums; only the order of the
-//! sums differs (tested against the chain within the rounding bound).
+//! sums differs (tested against the chain within the rounding bound, in
+//! `qwen2`'s tests).
 
 use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
@@ -207,59 +208,7 @@ fn softmax(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rounding::{Reductions, F32_UNIT};
     use candle_core::Device;
-
-    fn max_abs(t: &Tensor) -> f64 {
-        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar().unwrap()
-    }
-
-    /// Against `qwen2::attend`, the candle chain it replaces, on f32, f16 and bf16
-    /// caches: with and without a shared prefix, one row and many, plain width and
-    /// a padded one (w = d + 32), the own rows a view into a larger buffer as the
-    /// cache holds them. The bound: the scores' rounding (w terms, at the size of
-    /// the largest score's partial sums) carried onto the values, then the
-    /// softmax's sum and the weighted sums (p + len terms each) at the values' size.
-    #[test]
-    fn single_query_attention_matches_the_candle_chain_on_ragged_and_padded_caches() {
-        let dev = Device::Cpu;
-        let (kv, g, d) = (2, 3, 64);
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for &(p, len, w) in &[(0, 1, 64), (0, 37, 96), (5, 20, 96), (17, 3, 64), (9, 1, 96)] {
-                let q = Tensor::randn(0f32, 0.4, (kv, g, d), &dev).unwrap();
-                let q_own = Tensor::randn(0f32, 0.4, (kv, g, w), &dev).unwrap();
-                let buffer =
-                    |width: usize| Tensor::randn(0f32, 1.0, (kv, 64, width), &dev).unwrap().to_dtype(dtype).unwrap();
-                let (kb, vb) = (buffer(w), buffer(w));
-                let (keys, values) = (kb.narrow(1, 0, len).unwrap(), vb.narrow(1, 0, len).unwrap());
-                let shared = (p > 0).then(|| (buffer(d).narrow(1, 0, p).unwrap(), buffer(d).narrow(1, 0, p).unwrap()));
-                let (head, own) =
-                    single_query(&q, &q_own, shared.as_ref().map(|(k, v)| (k, v)), &keys, &values).unwrap().unwrap();
-                let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap().contiguous().unwrap();
-                let shared32 = shared.as_ref().map(|(k, v)| (f32s(k), f32s(v)));
-                let (want_head, want_own) =
-                    crate::qwen2::attend(&q, &q_own, shared32.as_ref(), &f32s(&keys), &f32s(&values), Ok).unwrap();
-                let scores = (q_own.matmul(&f32s(&keys).t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
-                let partial = (q_own.abs().unwrap().matmul(&f32s(&keys).abs().unwrap().t().unwrap()).unwrap()
-                    / (d as f64).sqrt())
-                .unwrap();
-                let vmax = max_abs(&f32s(&values)).max(shared32.as_ref().map_or(0.0, |(_, v)| max_abs(v)));
-                let bound = Reductions::of(w).bound_between(F32_UNIT, max_abs(&partial).max(max_abs(&scores)) * vmax)
-                    + Reductions::of(p + len).times(2).bound_between(F32_UNIT, vmax);
-                let err = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
-                let e_own = err(&own, &want_own);
-                assert!(e_own <= bound, "{dtype:?} p {p} len {len} w {w}: own rows off by {e_own:e}, bound {bound:e}");
-                match (head, want_head) {
-                    (None, None) => assert_eq!(p, 0),
-                    (Some(h), Some(wh)) => {
-                        let e = err(&h, &wh);
-                        assert!(e <= bound, "{dtype:?} p {p} len {len}: prefix share off by {e:e}, bound {bound:e}");
-                    }
-                    _ => panic!("{dtype:?} p {p}: one side has a prefix share and the other not"),
-                }
-            }
-        }
-    }
 
     #[test]
     fn an_f64_cache_or_mismatched_shapes_are_declined_or_refused() {
