@@ -31,12 +31,15 @@ use candle_core::{DType, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Below this many weight bytes a product runs on the calling thread, where
-/// waking a second one may cost more than it saves. The line is the smallest
-/// split that was measured to pay: 256 x 512 f32 (512 KiB, the embedded model's
-/// MLP) took 11.0 us on one thread and 6.6 us on two; smaller shapes were not
-/// measured split.
-const PARALLEL_BYTES: usize = 512 * 1024;
+/// Below this many weight bytes a product runs on the calling thread. Splitting
+/// even small products pays in a decode step: the second thread stays awake
+/// between them instead of going to sleep and being woken (futex calls were 18%
+/// of a batch-1 profile). On the embedded model with f16 weights, two runs each of
+/// `kframe bench peer --kframe-only` at batch 1: 2600 - 2690 tok/s with the line
+/// at 512 KiB (its MLP and attention products then ran on one thread), 2850 - 3260
+/// at 128 KiB, 3020 - 3210 at 16 KiB (every product split); one thread for
+/// everything, 2360 - 2390.
+const PARALLEL_BYTES: usize = 16 * 1024;
 
 /// Activation rows one register block takes.
 pub const BLOCK_ROWS: usize = 4;
