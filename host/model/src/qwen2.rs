@@ -619,9 +619,10 @@ impl Attention {
         };
         cache.write(index, seq.pos, &k_store, &v_store)?;
         let len = seq.pos + t;
-        let (keys, values) = cache.stored_rows(index, len - cache.offset())?; // (kv, own, w), storage dtype
-                                                                              // A decode token with nothing masked reads the cache in place (probe-time
-                                                                              // rotates the query and the output, never the cache).
+        // (kv, own, w), in the storage dtype.
+        let (keys, values) = cache.stored_rows(index, len - cache.offset())?;
+        // A decode token with nothing masked reads the cache in place (probe-time
+        // rotates the query and the output, never the cache).
         if t == 1 && failed.is_none() && (rot.is_none() || seq.variant == Variant::ProbeTime) {
             let q_own = match rot {
                 Some(r) => r.rotate_q(q)?,
@@ -684,7 +685,7 @@ impl Attention {
 /// `q_own` (the query in the rows' frame: rotated, probe-time). One softmax spans
 /// both. Returns the prefix's share of the output (model frame) and the own rows'
 /// share (in their frame: the caller un-rotates it).
-pub(crate) fn attend(
+fn attend(
     q: &Tensor,
     q_own: &Tensor,
     shared: Option<&(Tensor, Tensor)>,
@@ -720,7 +721,7 @@ mod tests {
         t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar().unwrap()
     }
 
-    /// Against `qwen2::attend`, the candle chain it replaces, on f32, f16 and bf16
+    /// `fused::single_query` against [`attend`], the candle chain it replaces, on f32, f16 and bf16
     /// caches: with and without a shared prefix, one row and many, plain width and
     /// a padded one (w = d + 32), the own rows a view into a larger buffer as the
     /// cache holds them. The bound: the scores' rounding (w terms, at the size of
