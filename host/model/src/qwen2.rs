@@ -605,7 +605,11 @@ impl Attention {
         // The corrective layer: blocks that fail verification here are hidden. It
         // checks the rows already there before this step's write seals their block
         // again (a position inside a shared prefix is refused by the write).
-        let failed = cache.verify(index, seq.frame, seq.pos.saturating_sub(cache.offset()), t)?;
+        // The mask comes in the cache's plaintext dtype; scores are in the query's.
+        let failed = match cache.verify(index, seq.frame, seq.pos.saturating_sub(cache.offset()), t)? {
+            Some(mask) => Some(mask.to_dtype(q.dtype())?),
+            None => None,
+        };
         // The cache only ever receives rotated K and V (an exact cache's are
         // computed in f64).
         let rot = seq.frame.layer(index);

@@ -2,20 +2,32 @@
 //! changed, moved from another tenant's cache or outlived a re-key are masked out
 //! of attention, reported once and never attended to, alone and in a batch.
 
+use candle_core::DType;
 use candle_core::Tensor;
 use kframe_core::integrity::{IsolationEvent, Reason};
 use kframe_model::qwen2::Chunk;
 use kframe_model::Variant;
-use kframe_testkit::sealed::{prefilled, rounding_bound, setup, step, tampered_pair};
+use kframe_testkit::sealed::{prefilled, rounding_bound, setup, setup_in, step, tampered_pair, Setup};
 
 #[test]
 fn a_corrupted_block_is_masked_reported_once_and_never_attended_to() {
-    let s = setup();
+    corrupted_block_is_masked(&setup());
+}
+
+/// The same with f16 weights and an f16 cache: the seals cover the f16 bytes.
+#[test]
+fn a_corrupted_block_of_an_f16_cache_is_masked_reported_once_and_never_attended_to() {
+    let s = setup_in(DType::F16);
+    assert_eq!(s.model.new_cache(kframe_core::cache::KvPrecision::Native).store_dtype(), DType::F16);
+    corrupted_block_is_masked(&s);
+}
+
+fn corrupted_block_is_masked(s: &Setup) {
     let alice = s.ring.frame("alice", 0).unwrap();
-    let clean = step(&s, &mut prefilled(&s, &alice), &alice);
+    let clean = step(s, &mut prefilled(s, &alice), &alice);
     // The same block of layer 1 corrupted two different ways.
-    let (mut a, mut b) = tampered_pair(&s, &alice, 40);
-    let (la, lb) = (step(&s, &mut a, &alice), step(&s, &mut b, &alice));
+    let (mut a, mut b) = tampered_pair(s, &alice, 40);
+    let (la, lb) = (step(s, &mut a, &alice), step(s, &mut b, &alice));
     // Masked: the corrupted bytes never reach the output, whatever they are.
     assert_eq!(la, lb);
     assert_ne!(la, clean, "masking a block changes attention");

@@ -9,7 +9,7 @@ use kframe_core::layout::{Calibration, Layout, Padding};
 use kframe_core::rotation::{Frame, Keyring};
 use kframe_model::load::ModelDir;
 use kframe_model::qwen2::{Chunk, Trace};
-use kframe_model::rounding::{self, Reductions, F32_UNIT};
+use kframe_model::rounding::{self, Reductions, F16_UNIT, F32_UNIT};
 use kframe_model::ModelBundle;
 use kframe_model::Variant;
 use kframe_testkit::{argmax, assert_clear_margins, frame_tolerance, max_abs_diff, widest_tolerance};
@@ -17,8 +17,12 @@ use kframe_testkit::{argmax, assert_clear_margins, frame_tolerance, max_abs_diff
 const EXTRA: usize = 64;
 
 fn embedded() -> (ModelBundle, Calibration) {
+    embedded_in(DType::F32)
+}
+
+fn embedded_in(dtype: DType) -> (ModelBundle, Calibration) {
     let dir = ModelDir::embedded().unwrap();
-    let gen = ModelBundle::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let gen = ModelBundle::load(&dir, dtype, &Device::Cpu).unwrap();
     let calibration = dir.stored_calibration().unwrap().expect("the embedded model ships a calibration");
     (gen, calibration)
 }
@@ -99,6 +103,23 @@ fn every_padded_k_and_v_row_has_the_calibrated_norm_within_one_products_rounding
     let off = Calibration { margin: calibration.margin * 1.001, ..calibration.clone() };
     let miscalibrated = worst_norm_error(&gen, &off, &calibration);
     assert!(miscalibrated >= 100.0 * bound, "norms 0.1% off are only {:.1} bounds off", miscalibrated / bound);
+}
+
+/// In an f16 cache (the CPU default) a padded row is rotated in f32 and rounded
+/// once to f16, which moves each element by at most one f16 unit of itself and so
+/// the row's norm by at most one unit: the bound is one f32 product's rounding
+/// plus that. Norms 5% off miss it by about a hundred times.
+#[test]
+fn every_padded_row_of_an_f16_cache_has_the_calibrated_norm_within_its_rounding() {
+    let (gen, calibration) = embedded_in(DType::F16);
+    assert_eq!(gen.model.kv_dtype(), DType::F16);
+    let bound = rounding::round_trip(gen.model.config().head_dim + EXTRA, 1, F32_UNIT) + F16_UNIT;
+    let worst = worst_norm_error(&gen, &calibration, &calibration);
+    eprintln!("f16: worst relative norm error {worst:e}: {:.4} x the bound", worst / bound);
+    assert!(worst <= bound, "worst relative norm error {worst:e}, bound {bound:e}");
+    let off = Calibration { margin: calibration.margin * 1.05, ..calibration.clone() };
+    let miscalibrated = worst_norm_error(&gen, &off, &calibration);
+    assert!(miscalibrated >= 50.0 * bound, "norms 5% off are only {:.1} bounds off", miscalibrated / bound);
 }
 
 #[test]

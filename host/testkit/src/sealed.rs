@@ -21,12 +21,18 @@ pub struct Setup {
 }
 
 pub fn setup() -> Setup {
+    setup_in(DType::F32)
+}
+
+/// [`setup`] with the model's weights in `dtype` (on the CPU, f16 and bf16 also
+/// store the cache in it).
+pub fn setup_in(dtype: DType) -> Setup {
     let cfg = synth::tiny_config();
     let weights = synth::random_weights(&cfg, 3, DType::F32, &Device::Cpu).expect("random weights");
-    let model = Qwen2::new(&cfg, VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu)).expect("the model");
+    let model = Qwen2::new(&cfg, VarBuilder::from_tensors(weights, dtype, &Device::Cpu)).expect("the model");
     let master = MasterSecret::from_bytes([9; 32]);
     let key = Arc::new(TagKey::derive(&master));
-    let ring = Keyring::builder(master, model.rotation_shape()).capacity(8).build();
+    let ring = Keyring::builder(master, model.rotation_shape()).dtype(model.dtype()).capacity(8).build();
     let prompt = (0..70u32).map(|i| (i * 37 + 11) % 500).collect();
     Setup { model, ring, key, prompt }
 }
