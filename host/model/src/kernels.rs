@@ -19,9 +19,11 @@
 //! - [`cols_product`]: W^T row-major (k, n), `out = x W^T` (the layers keep W^T,
 //!   see `qwen2::Proj`).
 //!
-//! Both work in register blocks of [`BLOCK_ROWS`] activation rows: every weight
-//! vector loaded is used by four rows, so a batch reads each weight once per
-//! block of four from the nearest cache.
+//! Both work in register blocks of up to [`BLOCK_ROWS`] activation rows (as many
+//! as are left, so one row costs one row's arithmetic): every weight vector loaded
+//! serves each row of the block. From `WIDE_ROWS` (8) rows on AVX-512 the rows form
+//! switches to a wide form that transposes the activations once and never
+//! reduces across lanes.
 //!
 //! Rounding: each output is one f32 sum of k products of f32 values, in lanes of
 //! the vector width and then reduced across lanes; gemm also sums in f32, in its
