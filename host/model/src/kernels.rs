@@ -484,8 +484,9 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)))
     }
 
-    /// Sixteen accumulators (four x rows by four w rows) of 16 lanes; each loaded
-    /// vector serves four products. The tail is scalar.
+    /// R x 4 accumulators (R activation rows by four weight rows, at most
+    /// sixteen) of 16 lanes; each loaded weight vector serves R products. The
+    /// tail is scalar. The AVX2 version below is the same loop at 8 lanes.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dots_avx512<W: Weight, const R: usize>(x: [&[f32]; R], w: [&[W]; 4], k: usize) -> [[f32; 4]; R] {
         let kind = kind::<W>();
