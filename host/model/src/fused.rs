@@ -106,10 +106,7 @@ pub fn single_query(
             candle_core::bail!("fused attention: a shared prefix of {:?} and {:?}", k.dims(), v.dims());
         }
     }
-    let shared_storage = match shared {
-        Some((k, v)) => Some((k.storage_and_layout().0, v.storage_and_layout().0, k, v)),
-        None => None,
-    };
+    let shared_storage = shared.map(|(k, v)| (k.storage_and_layout().0, v.storage_and_layout().0, k, v));
     let shared_view = match &shared_storage {
         Some((ks, vs, k, v)) => match (view(ks, k), view(vs, v)) {
             (Some(a), Some(b)) => Some((a, b)),

@@ -463,8 +463,8 @@ mod x86 {
             for t in 0..span {
                 let xrow = px.add((j + t) * bp);
                 let (x0, x1) = (_mm512_loadu_ps(xrow), _mm512_loadu_ps(xrow.add(16)));
-                for (q, acc) in acc.iter_mut().enumerate() {
-                    let wv = _mm512_set1_ps(widened[q][t]);
+                for (acc, row) in acc.iter_mut().zip(&widened) {
+                    let wv = _mm512_set1_ps(row[t]);
                     acc[0] = _mm512_fmadd_ps(wv, x0, acc[0]);
                     acc[1] = _mm512_fmadd_ps(wv, x1, acc[1]);
                 }

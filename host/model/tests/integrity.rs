@@ -46,7 +46,7 @@ fn corrupted_block_is_masked(s: &Setup) {
     }
     assert_eq!(f.blocks_masked, 2);
     // Masked again on the next step, but reported once.
-    step(&s, &mut a, &alice);
+    step(s, &mut a, &alice);
     let f = a.take_findings();
     assert!(f.events.is_empty());
     assert_eq!(f.blocks_masked, 2);
