@@ -214,10 +214,9 @@ pub struct Qwen2 {
     rope: Rope,
     /// What activations, norms, RoPE and attention compute in.
     dtype: DType,
-    /// What the weight matrices (projections, embedding) are held in.
+    /// What the weight matrices (projections, embedding) are held in, and the
+    /// plaintext K and V (what a native-precision cache stores).
     weights: DType,
-    /// The plaintext K and V: what a native-precision cache stores.
-    kv: DType,
     device: Device,
 }
 
@@ -287,7 +286,6 @@ impl Qwen2 {
             rope,
             dtype,
             weights,
-            kv: weights,
             device: vb.device().clone(),
         })
     }
@@ -309,7 +307,7 @@ impl Qwen2 {
 
     /// The dtype of the plaintext K and V, which a native-precision cache stores.
     pub fn kv_dtype(&self) -> DType {
-        self.kv
+        self.weights
     }
 
     pub fn device(&self) -> &Device {
@@ -332,7 +330,7 @@ impl Qwen2 {
             head_dim: self.cfg.head_dim,
             max_len: self.cfg.max_position_embeddings,
         };
-        KvCache::new(shape, self.kv, precision, &self.device)
+        KvCache::new(shape, self.kv_dtype(), precision, &self.device)
     }
 
     /// Runs `tokens` after what `cache` holds, in `frame`; returns the f32 logits of
