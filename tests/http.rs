@@ -714,3 +714,34 @@ fn bench_http_prints_its_ratio_latencies_and_a_clean_load_as_json() {
     assert_eq!((v["errors"].as_u64(), v["cross_tenant_leaks"].as_u64()), (Some(0), Some(0)), "{v}");
     assert_eq!(v["load_requests"], 40);
 }
+
+/// The embedded model exported as Q8_0 GGUF and served from the file: each
+/// tenant reads its own secret back over HTTP, the file's stem names the model,
+/// and the same model quantized at load (`--quantize q8_0`) writes the same text.
+#[test]
+fn a_quantized_gguf_file_serves_over_http_and_matches_in_situ_quantization() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("kframe-tiny-q8_0.gguf");
+    let out = kframe(&["export-gguf", "--type", "q8_0", "--out", gguf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let served = |model: Option<&Path>, extra: &[&str], data: &str| {
+        let server = Server::start_on(model, &tmp.path().join(data), extra);
+        let mut texts = Vec::new();
+        for (tenant, name, code) in [("alice", "rosa", "8493"), ("bob", "ines", "2716")] {
+            let key = server.tenant(tenant);
+            let prompt = format!("user secret of {name} {code} . query secret of {name}");
+            let body = json!({"prompt": prompt, "max_tokens": 1, "temperature": 0});
+            let r = server.post("/v1/completions", &key, &body);
+            assert_eq!(r.status, 200, "{}", r.text());
+            let text = r.json()["choices"][0]["text"].as_str().unwrap().to_owned();
+            assert_eq!(text.trim(), code, "{tenant}");
+            texts.push(text);
+        }
+        let models = server.request("GET", "/v1/models", Some(&server.tenant("carol")), &[], b"").json();
+        (texts, models["data"][0]["id"].as_str().unwrap().to_owned())
+    };
+    let (from_file, id) = served(Some(&gguf), &[], "file");
+    assert_eq!(id, "kframe-tiny-q8_0");
+    let (in_situ, _) = served(None, &["--quantize", "q8_0"], "isq");
+    assert_eq!(from_file, in_situ);
+}

@@ -8,6 +8,8 @@ use kframe_core::layout::{DEFAULT_EXTRA, DEFAULT_MARGIN};
 use kframe_engine::PrefixMode;
 use kframe_eval::suite::Experiment;
 use kframe_model::device::{DeviceChoice, DtypeChoice};
+use kframe_model::export::FileType;
+use kframe_model::weights::Quantization;
 use kframe_model::Variant;
 use kframe_policy::PolicyKind;
 use std::path::PathBuf;
@@ -37,6 +39,18 @@ pub enum Command {
     /// Write a random-weight Qwen2 model directory (config.json, model.safetensors,
     /// tokenizer.json) for tests and benchmarks.
     SynthModel(SynthArgs),
+    /// Write a model (a directory, or the embedded model) as one GGUF file, in
+    /// llama.cpp's names and formats; `kframe serve --model FILE.gguf` and
+    /// llama.cpp both load it.
+    ExportGguf {
+        /// A Hugging Face style Qwen2 directory [default: the embedded model].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long = "type", value_enum, default_value = "f16")]
+        file_type: GgufTypeArg,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Measure the norms K and V reach, per layer and kv head (over the whole
     /// vocabulary and the built-in corpus), and write the norm-pad calibration
     /// padded layers use (store it as kframe-pad.json in the model directory).
@@ -63,13 +77,64 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A Hugging Face style Qwen2 directory [default: the embedded model].
+    /// A Hugging Face style Qwen2 directory, or a Qwen2 GGUF file [default: the
+    /// embedded model].
     #[arg(long)]
     pub model: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t)]
     pub device: DeviceArg,
+    /// Dense weights' dtype and the K/V cache's (a GGUF file's weights keep their
+    /// own formats; the cache is still this).
     #[arg(long, value_enum, default_value_t)]
     pub dtype: DtypeArg,
+    /// Quantize a safetensors model's matrices as it loads, to serve from the
+    /// same quantized kernels as a GGUF file.
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
+}
+
+/// `export-gguf --type`: the matrices' format in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GgufTypeArg {
+    F32,
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// llama.cpp's Q4_K_M mix.
+    #[value(name = "q4_k_m")]
+    Q4KM,
+}
+
+impl From<GgufTypeArg> for FileType {
+    fn from(a: GgufTypeArg) -> Self {
+        match a {
+            GgufTypeArg::F32 => FileType::F32,
+            GgufTypeArg::F16 => FileType::F16,
+            GgufTypeArg::Q8_0 => FileType::Q8_0,
+            GgufTypeArg::Q4KM => FileType::Q4KM,
+        }
+    }
+}
+
+/// `--quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    /// Every matrix in Q8_0.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the vocabulary and half the
+    /// layers' attn_v and ffn_down.
+    #[value(name = "q4k")]
+    Q4k,
+}
+
+impl From<QuantizeArg> for Quantization {
+    fn from(a: QuantizeArg) -> Self {
+        match a {
+            QuantizeArg::Q8_0 => Quantization::Q8_0,
+            QuantizeArg::Q4k => Quantization::Q4K,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -324,6 +389,10 @@ pub enum Preset {
     Tiny,
     /// The layer shape of Qwen2.5-3B with `--layers` layers and a 32k vocabulary.
     Qwen25_3bLayers,
+    /// Qwen2.5-3B's whole config (36 layers, vocabulary 151,936, tied
+    /// embeddings), its weights in bf16 (6.2 GB).
+    #[value(name = "qwen25-3b")]
+    Qwen25_3b,
 }
 
 #[derive(Args)]
@@ -336,6 +405,11 @@ pub struct SynthArgs {
     pub layers: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A folder with a real tokenizer.json (and tokenizer_config.json) to use
+    /// instead of the byte-level stand-in, such as Qwen's from
+    /// `scripts/qwen-tokenizer.sh`.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// `--device`.

@@ -1,16 +1,19 @@
-//! The model a command names with `--model`, `--device` and `--dtype`.
+//! The model a command names with `--model`, `--device`, `--dtype` and `--quantize`.
 
 use crate::args::ModelArgs;
 use kframe_model::device;
 use kframe_model::load::ModelDir;
 use kframe_model::ModelBundle;
 
-/// The model `--model`, `--device` and `--dtype` name: its directory and the
-/// loaded model with its tokenizer.
+/// The model `--model`, `--device`, `--dtype` and `--quantize` name: its
+/// directory (or GGUF file), the loaded model with its tokenizer, and its
+/// weights' formats for reports.
 pub fn load(args: &ModelArgs) -> anyhow::Result<(ModelDir, ModelBundle)> {
     let device = device::select(args.device.into())?;
     let dtype = device::dtype(args.dtype.into(), &device);
     let dir = ModelDir::open_or_embedded(args.model.as_deref())?;
-    let bundle = ModelBundle::load(&dir, dtype, &device)?;
+    let quantize = args.quantize.map(Into::into);
+    let bundle = ModelBundle::load_quantized(&dir, dtype, &device, quantize)?;
+    tracing::info!(model = %dir.model_id(), weights = %dir.weights_format(dtype, quantize), kv = ?bundle.model.kv_dtype(), "model loaded");
     Ok((dir, bundle))
 }

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::load::ModelDir;
 use crate::qwen2::Qwen2;
+use crate::weights::Quantization;
 use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
@@ -16,8 +17,18 @@ pub struct ModelBundle {
 
 impl ModelBundle {
     pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_quantized(dir, dtype, device, None)
+    }
+
+    /// [`Self::load`], with a safetensors model's matrices quantized as they load.
+    pub fn load_quantized(
+        dir: &ModelDir,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         Ok(Self {
-            model: dir.load_model(dtype, device)?,
+            model: dir.load_model_quantized(dtype, device, quantize)?,
             tokenizer: dir.load_tokenizer()?,
             eos_token_ids: dir.eos_token_ids.clone(),
         })

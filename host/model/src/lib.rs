@@ -4,7 +4,11 @@
 //! # Layout
 //!
 //! - [`config`]: `config.json` as the Qwen2.5 releases write it.
-//! - [`load`]: opening a Hugging Face style directory, or the embedded model.
+//! - [`load`]: opening a Hugging Face style directory, a GGUF file, or the
+//!   embedded model.
+//! - [`weights`]: where tensors come from, dense or quantized (`--quantize`).
+//! - [`gguf`]: reading GGUF files (llama.cpp's format).
+//! - [`export`]: writing a model directory as a GGUF file.
 //! - [`kernels`]: weight products on the CPU, f32 or half-precision weights.
 //! - [`fused`]: single-query attention over a cache, read in place.
 //! - [`qwen2`]: the forward pass. Each sequence's K and V are rotated into its
@@ -21,8 +25,8 @@
 //! # Dependencies
 //!
 //! kframe-core (caches, frames), candle (tensors, layers, the sampler), tokenizers.
-//! Nothing that serves, sandboxes or plots. Modules point one way: config <- qwen2
-//! <- load <- bundle <- generate, calibrate.
+//! Nothing that serves, sandboxes or plots. Modules point one way: config, weights <- qwen2, gguf
+//! <- load <- bundle, export <- generate, calibrate.
 //!
 //! # Example: a rotated-frame generation
 //!
@@ -55,13 +59,16 @@ pub mod config;
 pub mod corpus;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod fused;
 pub mod generate;
+pub mod gguf;
 pub mod kernels;
 pub mod load;
 pub mod qwen2;
 pub mod rounding;
 pub mod synth;
+pub mod weights;
 
 pub use bundle::ModelBundle;
 pub use config::Config;

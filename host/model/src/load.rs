@@ -1,23 +1,30 @@
-//! Opening a Hugging Face style model directory: config.json, model.safetensors (or
-//! shards listed in model.safetensors.index.json), tokenizer.json and, when
-//! present, generation_config.json. Every missing or malformed file is an error
-//! that names it.
+//! Opening a model: a Hugging Face style directory (config.json,
+//! model.safetensors or the shards listed in model.safetensors.index.json,
+//! tokenizer.json and, when present, generation_config.json and
+//! tokenizer_config.json), or a single GGUF file ([`crate::gguf`]). Every missing
+//! or malformed file is an error that names it.
 
 use crate::config::{Config, TokenIds};
 use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
 use crate::qwen2::Qwen2;
+use crate::weights::{Quantization, Safetensors, TensorSource};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokenizers::Tokenizer;
 
+/// A model on disk (a directory or a GGUF file) or compiled in, its config read
+/// and every file it needs found; the weights load with [`ModelDir::load_model`].
 pub struct ModelDir {
-    /// The directory, or `<embedded>` for the model compiled into kframe.
+    /// The directory or GGUF file, or `<embedded>` for the model compiled into kframe.
     pub path: PathBuf,
     pub config: Config,
     pub weights: Weights,
-    tokenizer: Bytes,
+    /// tokenizer.json; `None` for a GGUF file, whose metadata holds the tokenizer.
+    tokenizer: Option<Bytes>,
     /// End-of-sequence ids from generation_config.json, else from config.json.
     pub eos_token_ids: Vec<u32>,
     /// The Jinja chat template of tokenizer_config.json, when it has one.
@@ -26,20 +33,24 @@ pub struct ModelDir {
     pad_calibration: Option<Bytes>,
 }
 
-/// Where the safetensors bytes come from.
+/// Where the weights come from.
 pub enum Weights {
-    /// Files on disk, memory-mapped (one, or the shards of an index).
+    /// safetensors files on disk, memory-mapped (one, or the shards of an index).
     Files(Vec<PathBuf>),
-    /// The embedded model's bytes, compiled into the binary.
+    /// The embedded model's safetensors bytes, compiled into the binary.
     #[cfg_attr(not(feature = "embedded-model"), allow(dead_code))]
     Static(&'static [u8]),
+    /// A GGUF file, memory-mapped.
+    Gguf(Arc<GgufFile>),
 }
 
-/// A small file's contents: read from disk, or compiled in.
+/// A small file's contents: read from disk, compiled in, or read out of a GGUF
+/// file's metadata.
 enum Bytes {
     File(PathBuf),
     #[cfg_attr(not(feature = "embedded-model"), allow(dead_code))]
     Static(&'static [u8]),
+    Owned(String),
 }
 
 /// kframe's own model (embedded/, trained by train/train_tiny.py), compiled
@@ -126,9 +137,19 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 impl ModelDir {
+    /// Opens a model directory, or a GGUF file.
     pub fn open(dir: &Path) -> Result<Self> {
+        if dir.is_file() {
+            if crate::gguf::is_gguf(dir) {
+                return Self::open_gguf(dir);
+            }
+            return Err(Error::Malformed {
+                path: dir.to_owned(),
+                reason: "neither a model directory nor a GGUF file (no GGUF magic)".into(),
+            });
+        }
         if !dir.is_dir() {
-            return Err(Error::Malformed { path: dir.to_owned(), reason: "not a directory".into() });
+            return Err(Error::Malformed { path: dir.to_owned(), reason: "not a directory or a file".into() });
         }
         let config = Config::from_file(&required(dir, "config.json")?)?;
         let tokenizer = required(dir, "tokenizer.json")?;
@@ -174,10 +195,26 @@ impl ModelDir {
             path: dir.to_owned(),
             config,
             weights,
-            tokenizer: Bytes::File(tokenizer),
+            tokenizer: Some(Bytes::File(tokenizer)),
             eos_token_ids,
             chat_template,
             pad_calibration: calibration.is_file().then_some(Bytes::File(calibration)),
+        })
+    }
+
+    /// A GGUF file: the config, end-of-sequence id, chat template and stored
+    /// calibration from its metadata.
+    fn open_gguf(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = file.config()?;
+        Ok(Self {
+            path: path.to_owned(),
+            eos_token_ids: config.eos_token_ids.clone(),
+            chat_template: file.chat_template(),
+            pad_calibration: file.calibration_json().map(Bytes::Owned),
+            config,
+            tokenizer: None,
+            weights: Weights::Gguf(Arc::new(file)),
         })
     }
 
@@ -201,7 +238,7 @@ impl ModelDir {
             path,
             config,
             weights: Weights::Static(embedded::WEIGHTS),
-            tokenizer: Bytes::Static(embedded::TOKENIZER),
+            tokenizer: Some(Bytes::Static(embedded::TOKENIZER)),
             eos_token_ids,
             pad_calibration: Some(Bytes::Static(embedded::PAD_CALIBRATION)),
         })
@@ -223,19 +260,36 @@ impl ModelDir {
     }
 
     /// The name `/v1/models` gives: `kframe-tiny` for the embedded model, else the
-    /// directory's name.
+    /// directory's name, or the GGUF file's without `.gguf`.
     pub fn model_id(&self) -> String {
-        if matches!(self.weights, Weights::Static(_)) {
-            return "kframe-tiny".into();
-        }
-        let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = match &self.weights {
+            Weights::Static(_) => return "kframe-tiny".into(),
+            Weights::Gguf(_) => self.path.file_stem(),
+            Weights::Files(_) => self.path.file_name(),
+        };
+        let name = name.map(|n| n.to_string_lossy().into_owned());
         name.filter(|n| !n.is_empty()).unwrap_or_else(|| "model".into())
+    }
+
+    /// The weights' storage formats, for reports: the dtype asked for, or a GGUF
+    /// file's matrix types, most common first (`q4_k+q6_k`).
+    pub fn weights_format(&self, dtype: DType, quantize: Option<Quantization>) -> String {
+        match (&self.weights, quantize) {
+            (Weights::Gguf(file), _) => file.matrix_formats().join("+"),
+            (_, Some(q)) => q.name().to_owned(),
+            _ => format!("{dtype:?}").to_lowercase(),
+        }
     }
 
     pub fn load_tokenizer(&self) -> Result<Tokenizer> {
         let (loaded, path) = match &self.tokenizer {
-            Bytes::File(path) => (Tokenizer::from_file(path), path.clone()),
-            Bytes::Static(bytes) => (Tokenizer::from_bytes(bytes), self.path.join("tokenizer.json")),
+            None => match &self.weights {
+                Weights::Gguf(file) => return file.tokenizer(),
+                _ => unreachable!("only a GGUF model has no tokenizer.json"),
+            },
+            Some(Bytes::File(path)) => (Tokenizer::from_file(path), path.clone()),
+            Some(Bytes::Static(bytes)) => (Tokenizer::from_bytes(bytes), self.path.join("tokenizer.json")),
+            Some(Bytes::Owned(text)) => (text.parse::<Tokenizer>(), self.path.clone()),
         };
         loaded.map_err(|e| Error::Malformed { path, reason: e.to_string() })
     }
@@ -249,6 +303,12 @@ impl ModelDir {
         let vb = match &self.weights {
             Weights::Files(files) => unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) },
             Weights::Static(bytes) => VarBuilder::from_slice_safetensors(bytes, dtype, device),
+            Weights::Gguf(_) => {
+                return Err(Error::Unsupported(format!(
+                    "{} is a GGUF file, not safetensors; load it with load_model",
+                    self.path.display()
+                )))
+            }
         };
         vb.map_err(|source| Error::Weights { dir: self.path.clone(), source })
     }
@@ -261,6 +321,7 @@ impl ModelDir {
             None => return Ok(None),
             Some(Bytes::File(p)) => std::fs::read_to_string(p).map_err(|e| malformed(e.to_string()))?,
             Some(Bytes::Static(b)) => String::from_utf8(b.to_vec()).map_err(|e| malformed(e.to_string()))?,
+            Some(Bytes::Owned(text)) => text.clone(),
         };
         let calibration: kframe_core::layout::Calibration =
             serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
@@ -268,8 +329,34 @@ impl ModelDir {
         Ok(Some(calibration))
     }
 
+    /// Loads the weights, dense in `dtype` (see [`Qwen2::new`] for what f16 and
+    /// bf16 mean on the CPU). A GGUF file keeps each tensor in its own format and
+    /// takes `dtype` for the K/V cache.
     pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Qwen2> {
-        Qwen2::new(&self.config, self.var_builder(dtype, device)?)
-            .map_err(|source| Error::Weights { dir: self.path.clone(), source })
+        self.load_model_quantized(dtype, device, None)
+    }
+
+    /// [`Self::load_model`], with a safetensors model's matrices quantized as they
+    /// load (`--quantize`).
+    pub fn load_model_quantized(&self, dtype: DType, device: &Device, quantize: Option<Quantization>) -> Result<Qwen2> {
+        let weights_error = |source| Error::Weights { dir: self.path.clone(), source };
+        let layers = self.config.num_hidden_layers;
+        match &self.weights {
+            Weights::Gguf(file) => {
+                if let Some(q) = quantize {
+                    return Err(Error::Unsupported(format!(
+                        "--quantize {} applies to safetensors models; {} keeps the formats it was written in",
+                        q.name(),
+                        self.path.display()
+                    )));
+                }
+                let source: &dyn TensorSource = &file.source(dtype, device);
+                Qwen2::from_source(&self.config, source).map_err(weights_error)
+            }
+            _ => {
+                let source = Safetensors { vb: self.var_builder(dtype, device)?, quantize, layers };
+                Qwen2::from_source(&self.config, &source).map_err(weights_error)
+            }
+        }
     }
 }

@@ -11,11 +11,14 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fused;
 use crate::kernels::{self, Form};
+use crate::weights::{Matrix, Safetensors, TensorSource};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use kframe_core::cache::{CacheShape, KvCache, KvPrecision};
 use kframe_core::rotation::{Frame, RotationShape};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Where attention applies a tenant's rotation. Both give the same tokens; they
 /// differ in cost.
@@ -92,47 +95,61 @@ impl Rope {
     }
 }
 
-/// A layer's weight projection, stored as W^T (in, out), in the weights' dtype;
-/// the bias in the compute dtype.
-///
-/// gemm wants a column-major destination, so for x W^T with W stored row-major
-/// (candle-nn's `Linear`) it repacks the whole of W on every call with more than
-/// one row; stored transposed, W is read in place. On the embedded model's
-/// projections a 32-row batch took 35-50% less time on three of four shapes and
-/// the same on the fourth (one row: the same).
+/// A layer's weight projection and its bias (in the compute dtype).
 struct Proj {
-    w_t: Tensor,
+    weight: ProjWeight,
     bias: Option<Tensor>,
+    inner: usize,
+    outer: usize,
+}
+
+enum ProjWeight {
+    /// Dense, stored as W^T (in, out). gemm wants a column-major destination, so
+    /// for x W^T with W stored row-major (candle-nn's `Linear`) it repacks the
+    /// whole of W on every call with more than one row; stored transposed, W is
+    /// read in place. On the embedded model's projections a 32-row batch took
+    /// 35-50% less time on three of four shapes and the same on the fourth (one
+    /// row: the same).
+    Dense { w_t: Tensor },
+    /// GGML blocks, W as stored (out, in): candle's quantized matmul quantizes
+    /// the activations to 8 bits and sums block by block, as llama.cpp does.
+    Quantized(QMatMul),
 }
 
 impl Proj {
-    /// `vw.pp(name)` gives the weight, `vc.pp(name)` the bias (if `bias`).
+    /// The projection `prefix.weight` (out, in) and, if `bias`, `prefix.bias`.
     fn load(
         inner: usize,
         outer: usize,
         bias: bool,
-        name: &str,
-        vw: &VarBuilder,
-        vc: &VarBuilder,
+        prefix: &str,
+        src: &dyn TensorSource,
+        dtype: DType,
     ) -> candle_core::Result<Self> {
-        let w = vw.pp(name).get((outer, inner), "weight")?;
-        let bias = if bias { Some(vc.pp(name).get(outer, "bias")?) } else { None };
-        Ok(Self { w_t: w.t()?.contiguous()?, bias })
+        let weight = match src.matrix(&format!("{prefix}.weight"), (outer, inner))? {
+            Matrix::Dense(w) => ProjWeight::Dense { w_t: w.t()?.contiguous()? },
+            Matrix::Quantized(q) => ProjWeight::Quantized(QMatMul::from_arc(q)?),
+        };
+        let bias = if bias { Some(src.vector(&format!("{prefix}.bias"), outer, dtype)?) } else { None };
+        Ok(Self { weight, bias, inner, outer })
     }
 }
 
 impl Module for Proj {
     /// x: (..., in) -> (..., out).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (inner, outer) = self.w_t.dims2()?;
+        let (inner, outer) = (self.inner, self.outer);
         let mut dims = x.dims().to_vec();
         let rows = x.elem_count() / inner;
         let x = x.reshape((rows, inner))?;
-        let y = match kernels::product(&x, &self.w_t, Form::Cols)? {
-            Some(y) => y,
-            // Half-precision weights with f32 activations always take the kernels;
-            // the widening here only keeps any other case correct.
-            None => x.matmul(&self.w_t.to_dtype(x.dtype())?)?,
+        let y = match &self.weight {
+            ProjWeight::Dense { w_t } => match kernels::product(&x, w_t, Form::Cols)? {
+                Some(y) => y,
+                // Half-precision weights with f32 activations always take the
+                // kernels; the widening here only keeps any other case correct.
+                None => x.matmul(&w_t.to_dtype(x.dtype())?)?,
+            },
+            ProjWeight::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -153,10 +170,10 @@ struct Norm {
 }
 
 impl Norm {
-    fn new(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
-        let fused = candle_nn::rms_norm(size, eps, vb)?;
-        let weight = fused.weight().clone();
-        Ok(Self { fused, weight, eps })
+    /// The norm `prefix.weight`, in `dtype`.
+    fn new(size: usize, eps: f64, prefix: &str, src: &dyn TensorSource, dtype: DType) -> candle_core::Result<Self> {
+        let weight = src.vector(&format!("{prefix}.weight"), size, dtype)?;
+        Ok(Self { fused: candle_nn::RmsNorm::new(weight.clone(), eps), weight, eps })
     }
 }
 
@@ -205,18 +222,42 @@ struct SeqStep<'a> {
     variant: Variant,
 }
 
+/// The token embedding: a dense table, or GGML blocks from which only the rows
+/// asked for are dequantized.
+enum Embed {
+    Dense(Embedding),
+    Quantized(Arc<QTensor>),
+}
+
+impl Embed {
+    /// ids (tokens, 1) -> (tokens, 1, hidden).
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Embed::Dense(e) => e.forward(ids),
+            Embed::Quantized(q) => q.embedding(ids),
+        }
+    }
+}
+
+/// The vocabulary projection, dense (vocab, hidden) or quantized.
+enum Head {
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
+
 pub struct Qwen2 {
     cfg: Config,
-    embed_tokens: Embedding,
+    embed_tokens: Embed,
     layers: Vec<Layer>,
     norm: Norm,
-    lm_head: Linear,
+    lm_head: Head,
     rope: Rope,
     /// What activations, norms, RoPE and attention compute in.
     dtype: DType,
-    /// What the weight matrices (projections, embedding) are held in, and the
-    /// plaintext K and V (what a native-precision cache stores).
+    /// What dense weight matrices are held in (quantized ones keep their blocks).
     weights: DType,
+    /// The plaintext K and V's dtype: what a native-precision cache stores.
+    kv: DType,
     device: Device,
 }
 
@@ -230,53 +271,63 @@ impl Qwen2 {
     /// weight as it loads it), and K and V are rounded once to the weights' dtype
     /// before they are rotated and cached, as llama.cpp keeps an f16 cache. On a
     /// GPU the whole pass runs in the dtype asked for.
-    pub fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(cfg: &Config, vb: VarBuilder<'static>) -> candle_core::Result<Self> {
+        Self::from_source(cfg, &Safetensors { vb, quantize: None, layers: cfg.num_hidden_layers })
+    }
+
+    /// Builds the model from any [`TensorSource`]: dense safetensors, quantized as
+    /// they load, or a GGUF file's tensors in their own formats. `src.dtype()` is
+    /// the dtype asked for: dense matrices' and the K/V cache's (on a GPU, the
+    /// compute dtype too).
+    pub fn from_source(cfg: &Config, src: &dyn TensorSource) -> candle_core::Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
-        let weights = vb.dtype();
+        let weights = src.dtype();
         let dtype = match weights {
-            DType::F16 | DType::BF16 if vb.device().is_cpu() => DType::F32,
+            DType::F16 | DType::BF16 if src.device().is_cpu() => DType::F32,
             other => other,
         };
-        // vw: the weight matrices; vc: norms and biases, in the compute dtype.
-        let vc = vb.to_dtype(dtype);
-        let (vm, vmc) = (vb.pp("model"), vc.pp("model"));
-        let embed_tokens = candle_nn::embedding(cfg.vocab_size, h, vm.pp("embed_tokens"))?;
+        let (embed_tokens, tied_head) = match src.matrix("model.embed_tokens.weight", (cfg.vocab_size, h))? {
+            Matrix::Dense(w) => (Embed::Dense(Embedding::new(w.clone(), h)), Head::Dense(w)),
+            Matrix::Quantized(q) => (Embed::Quantized(q.clone()), Head::Quantized(QMatMul::from_arc(q)?)),
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            let (vl, vlc) = (vm.pp("layers").pp(i), vmc.pp("layers").pp(i));
-            let (va, vac) = (vl.pp("self_attn"), vlc.pp("self_attn"));
-            let (vp, vpc) = (vl.pp("mlp"), vlc.pp("mlp"));
+            let p = |name: &str| format!("model.layers.{i}.{name}");
             let (heads, kv_heads, inter) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size);
+            let proj = |inner, outer, bias, name: &str| Proj::load(inner, outer, bias, &p(name), src, dtype);
             let attn = Attention {
-                q_proj: Proj::load(h, heads * d, true, "q_proj", &va, &vac)?,
-                k_proj: Proj::load(h, kv_heads * d, true, "k_proj", &va, &vac)?,
-                v_proj: Proj::load(h, kv_heads * d, true, "v_proj", &va, &vac)?,
-                o_proj: Proj::load(heads * d, h, false, "o_proj", &va, &vac)?,
+                q_proj: proj(h, heads * d, true, "self_attn.q_proj")?,
+                k_proj: proj(h, kv_heads * d, true, "self_attn.k_proj")?,
+                v_proj: proj(h, kv_heads * d, true, "self_attn.v_proj")?,
+                o_proj: proj(heads * d, h, false, "self_attn.o_proj")?,
                 heads,
                 kv_heads,
                 head_dim: d,
                 kv: weights,
             };
             let mlp = Mlp {
-                gate_proj: Proj::load(h, inter, false, "gate_proj", &vp, &vpc)?,
-                up_proj: Proj::load(h, inter, false, "up_proj", &vp, &vpc)?,
-                down_proj: Proj::load(inter, h, false, "down_proj", &vp, &vpc)?,
+                gate_proj: proj(h, inter, false, "mlp.gate_proj")?,
+                up_proj: proj(h, inter, false, "mlp.up_proj")?,
+                down_proj: proj(inter, h, false, "mlp.down_proj")?,
                 act: cfg.hidden_act,
             };
+            let eps = cfg.rms_norm_eps;
             layers.push(Layer {
                 attn,
                 mlp,
-                input_layernorm: Norm::new(h, cfg.rms_norm_eps, vlc.pp("input_layernorm"))?,
-                post_attention_layernorm: Norm::new(h, cfg.rms_norm_eps, vlc.pp("post_attention_layernorm"))?,
+                input_layernorm: Norm::new(h, eps, &p("input_layernorm"), src, dtype)?,
+                post_attention_layernorm: Norm::new(h, eps, &p("post_attention_layernorm"), src, dtype)?,
             });
         }
-        let norm = Norm::new(h, cfg.rms_norm_eps, vmc.pp("norm"))?;
-        let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
-        } else {
-            candle_nn::linear_no_bias(h, cfg.vocab_size, vb.pp("lm_head"))?
+        let norm = Norm::new(h, cfg.rms_norm_eps, "model.norm", src, dtype)?;
+        let lm_head = match cfg.tie_word_embeddings {
+            true => tied_head,
+            false => match src.matrix("lm_head.weight", (cfg.vocab_size, h))? {
+                Matrix::Dense(w) => Head::Dense(w),
+                Matrix::Quantized(q) => Head::Quantized(QMatMul::from_arc(q)?),
+            },
         };
-        let rope = Rope::new(cfg, dtype, vb.device())?;
+        let rope = Rope::new(cfg, dtype, src.device())?;
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
@@ -286,7 +337,8 @@ impl Qwen2 {
             rope,
             dtype,
             weights,
-            device: vb.device().clone(),
+            kv: weights,
+            device: src.device().clone(),
         })
     }
 
@@ -299,15 +351,16 @@ impl Qwen2 {
         self.dtype
     }
 
-    /// The dtype the weight matrices are held in (f16 or bf16 on a CPU whose
-    /// compute dtype is f32, else the compute dtype).
+    /// The dtype dense weight matrices are held in (f16 or bf16 on a CPU whose
+    /// compute dtype is f32, else the compute dtype); quantized matrices keep their
+    /// GGML blocks.
     pub fn weights_dtype(&self) -> DType {
         self.weights
     }
 
     /// The dtype of the plaintext K and V, which a native-precision cache stores.
     pub fn kv_dtype(&self) -> DType {
-        self.weights
+        self.kv
     }
 
     pub fn device(&self) -> &Device {
@@ -424,13 +477,17 @@ impl Qwen2 {
     /// (`t().contiguous()`, kept as the fallback) took 1.7 ms for the same matrix.
     fn vocab_logits(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, _) = xs.dims2()?;
-        if let Some(logits) = kernels::product(xs, self.lm_head.weight(), Form::Rows)? {
+        let weight = match &self.lm_head {
+            Head::Dense(w) => w,
+            Head::Quantized(q) => return Ok(q.forward(&xs.to_dtype(DType::F32)?)?),
+        };
+        if let Some(logits) = kernels::product(xs, weight, Form::Rows)? {
             return Ok(logits);
         }
-        if b == 1 || !self.device.is_cpu() || self.weights != DType::F32 {
-            return Ok(xs.apply(&self.lm_head)?.to_dtype(DType::F32)?);
+        if b == 1 || !self.device.is_cpu() || weight.dtype() != DType::F32 {
+            return Ok(xs.matmul(&weight.to_dtype(xs.dtype())?.t()?)?.to_dtype(DType::F32)?);
         }
-        let lt = self.lm_head.weight().matmul(&xs.t()?)?; // (vocab, b), contiguous
+        let lt = weight.matmul(&xs.t()?)?; // (vocab, b), contiguous
         let vocab = lt.dim(0)?;
         let (storage, layout) = lt.storage_and_layout();
         let (candle_core::Storage::Cpu(cpu), Some((from, to))) = (&*storage, layout.contiguous_offsets()) else {

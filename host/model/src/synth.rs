@@ -5,7 +5,7 @@
 //! seeded (ChaCha20), so a directory written twice is identical.
 
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Activation;
 use rand::SeedableRng;
@@ -56,6 +56,12 @@ pub fn qwen25_3b_layer_config(layers: usize, vocab_size: usize) -> Config {
         hidden_act: Activation::Silu,
         eos_token_ids: vec![EOS_ID],
     }
+}
+
+/// Qwen2.5-3B's whole config: 36 layers of [`qwen25_3b_layer_config`], its
+/// 151,936-token vocabulary, tied embeddings, a 32k context.
+pub fn qwen25_3b_config() -> Config {
+    qwen25_3b_layer_config(36, 151_936)
 }
 
 /// Seeded random weights under Hugging Face names. Linear weights have std
@@ -146,12 +152,47 @@ pub fn byte_level_tokenizer_json(vocab_size: usize) -> serde_json::Value {
 /// Writes config.json, model.safetensors (f32), tokenizer.json and
 /// generation_config.json for a random model of shape `cfg`.
 pub fn write_model_dir(dir: &Path, cfg: &Config, seed: u64) -> Result<()> {
+    write_model_dir_with(dir, cfg, seed, DType::F32, None)
+}
+
+/// [`write_model_dir`] with the weights stored in `dtype` (a real-size model in
+/// bf16, as the Qwen2.5 releases store it, needs half the disk and memory of f32),
+/// and optionally a real tokenizer: `tokenizer` is a folder with a tokenizer.json
+/// (and a tokenizer_config.json, whose chat template is kept). Its vocabulary must
+/// fit the config's; `<|endoftext|>` and `<|im_end|>` become the end-of-sequence ids.
+pub fn write_model_dir_with(dir: &Path, cfg: &Config, seed: u64, dtype: DType, tokenizer: Option<&Path>) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("json values serialise");
-    std::fs::write(dir.join("config.json"), json(&cfg.to_json()))?;
-    std::fs::write(dir.join("tokenizer.json"), json(&byte_level_tokenizer_json(cfg.vocab_size)))?;
+    let mut cfg = cfg.clone();
+    match tokenizer {
+        None => std::fs::write(dir.join("tokenizer.json"), json(&byte_level_tokenizer_json(cfg.vocab_size)))?,
+        Some(from) => {
+            let file = from.join("tokenizer.json");
+            let loaded = tokenizers::Tokenizer::from_file(&file)
+                .map_err(|e| Error::Malformed { path: file.clone(), reason: e.to_string() })?;
+            let size = loaded.get_vocab_size(true);
+            if size > cfg.vocab_size {
+                let reason = format!("{size} tokens do not fit a vocabulary of {}", cfg.vocab_size);
+                return Err(Error::Malformed { path: file, reason });
+            }
+            cfg.eos_token_ids = ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| loaded.token_to_id(t)).collect();
+            std::fs::copy(&file, dir.join("tokenizer.json"))?;
+            let config = from.join("tokenizer_config.json");
+            if config.is_file() {
+                std::fs::copy(&config, dir.join("tokenizer_config.json"))?;
+            }
+        }
+    }
+    let mut config = cfg.to_json();
+    config["torch_dtype"] = match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+    .into();
+    std::fs::write(dir.join("config.json"), json(&config))?;
     std::fs::write(dir.join("generation_config.json"), json(&serde_json::json!({"eos_token_id": cfg.eos_token_ids})))?;
-    let weights = random_weights(cfg, seed, DType::F32, &Device::Cpu)?;
+    let weights = random_weights(&cfg, seed, dtype, &Device::Cpu)?;
     candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
     Ok(())
 }

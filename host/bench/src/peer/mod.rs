@@ -1,6 +1,6 @@
 //! `kframe bench peer`: kframe against llama.cpp on the same model and machine.
 //!
-//! The model is written as GGUF twice (f32 and f16 weights, [`gguf`]), and
+//! The model is written as GGUF twice (f32 and f16 weights, `kframe_model::export`), and
 //! kframe runs it with f32 and with f16 weights (`--dtype f16`: f16 weights and
 //! K/V cache, f32 arithmetic, as llama.cpp runs an f16 GGUF). The engines are
 //! first checked to choose the same greedy tokens for the same token-id prompts,
@@ -19,17 +19,16 @@
 //! at the same weight precision, batch 32 and prefill each engine's best
 //! precision against the other's.
 
-pub mod gguf;
 pub mod llamacpp;
 
 use crate::serve::{model_dir, serving_engine};
 use candle_core::{DType, Device};
-use gguf::WeightType;
 use kframe_core::cache::KvPrecision;
 use kframe_core::keys::MasterSecret;
 use kframe_core::rotation::{Frame, Keyring};
 use kframe_engine::{Engine, Event, Submit, Tenant};
 use kframe_model::device::DtypeChoice;
+use kframe_model::export::{self, FileType};
 use kframe_model::generate::SamplingParams;
 use kframe_model::{ModelBundle, Variant};
 use llamacpp::LlamaCpp;
@@ -137,8 +136,8 @@ pub fn peer(opts: &PeerBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::
     let f32_file = opts.work_dir.join("kframe-f32.gguf");
     let f16_file = opts.work_dir.join("kframe-f16.gguf");
     progress(&format!("writing {} and {}", f32_file.display(), f16_file.display()));
-    gguf::write(&dir, WeightType::F32, &f32_file)?;
-    gguf::write(&dir, WeightType::F16, &f16_file)?;
+    export::write(&dir, FileType::F32, &f32_file)?;
+    export::write(&dir, FileType::F16, &f16_file)?;
 
     let token = prompt_token(dir.config.vocab_size);
     let prompts: Vec<Vec<u32>> =

@@ -4,6 +4,7 @@ mod bench;
 mod calibrate;
 mod corpus;
 mod eval;
+mod export_gguf;
 mod generate;
 mod plugin;
 mod serve;
@@ -19,6 +20,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugin(cmd) => plugin::run(cmd),
         Command::Eval(cmd) => eval::run(cmd),
         Command::SynthModel(args) => synth_model::run(args),
+        Command::ExportGguf { model, file_type, out } => export_gguf::run(model.as_deref(), file_type.into(), &out),
         Command::Calibrate { model, margin, out } => calibrate::run(&model, margin, &out),
         Command::Corpus { seed, docs, recall } => corpus::run(seed, docs, recall),
     }

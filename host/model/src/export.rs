@@ -1,41 +1,58 @@
-//! A Qwen2 model directory written as GGUF, the file llama.cpp loads: llama.cpp's
-//! tensor names (`blk.N.attn_q.weight`, ...) and metadata keys (`qwen2.*`,
-//! `tokenizer.ggml.*`), weights in f32 or f16 (norms and biases stay f32, as
-//! llama.cpp's own converter keeps them), and the tokenizer as a gpt2-style BPE.
-//!
-//! The pre-tokenizer is declared `gpt-2`, not `qwen2`: the embedded model's
-//! pre-tokenizer keeps a run of digits (a 4-digit secret) as one piece, which
-//! llama.cpp's `gpt-2` split does and its `qwen2` split (one digit a piece) does
-//! not. The peer benchmark feeds token ids, so text only matters to anyone who
-//! chats with the file.
+//! A model directory written as one GGUF file that llama.cpp loads: llama.cpp's
+//! tensor names and metadata keys ([`crate::gguf`]), the matrices in f32, f16,
+//! Q8_0 or the Q4_K_M mix, norms and biases in f32 (as llama.cpp's own converter
+//! keeps them), and the tokenizer as a gpt2-style BPE.
 
+use crate::error::{Error, Result};
+use crate::gguf::{tensor_names, CALIBRATION_KEY, EOS_KEY};
+use crate::load::ModelDir;
+use crate::weights::{Quantization, Role};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use kframe_model::load::ModelDir;
 use std::path::Path;
 
-/// The precision of the 2-D weights in the file.
+/// The weight types a written file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WeightType {
+#[serde(rename_all = "snake_case")]
+pub enum FileType {
     F32,
     F16,
+    /// Every matrix in Q8_0.
+    Q8_0,
+    /// llama.cpp's Q4_K_M mix ([`Quantization::Q4K`]).
+    Q4KM,
 }
 
-impl WeightType {
-    fn ggml(self) -> GgmlDType {
+impl FileType {
+    /// `general.file_type`: llama.cpp's LLAMA_FTYPE_ALL_F32, _MOSTLY_F16,
+    /// _MOSTLY_Q8_0 and _MOSTLY_Q4_K_M.
+    fn number(self) -> u32 {
         match self {
-            WeightType::F32 => GgmlDType::F32,
-            WeightType::F16 => GgmlDType::F16,
+            FileType::F32 => 0,
+            FileType::F16 => 1,
+            FileType::Q8_0 => 7,
+            FileType::Q4KM => 15,
         }
     }
 
-    /// `general.file_type`: llama.cpp's LLAMA_FTYPE_ALL_F32 and _MOSTLY_F16.
-    fn file_type(self) -> u32 {
+    /// The GGML type of a 2-D weight of `role` with rows `inner` long.
+    fn ggml_type(self, role: Role, inner: usize, layers: usize) -> GgmlDType {
+        let quantized = |q: Quantization| q.ggml_type(role, inner, layers).unwrap_or(GgmlDType::F16);
         match self {
-            WeightType::F32 => 0,
-            WeightType::F16 => 1,
+            FileType::F32 => GgmlDType::F32,
+            FileType::F16 => GgmlDType::F16,
+            FileType::Q8_0 => quantized(Quantization::Q8_0),
+            FileType::Q4KM => quantized(Quantization::Q4K),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FileType::F32 => "f32",
+            FileType::F16 => "f16",
+            FileType::Q8_0 => "q8_0",
+            FileType::Q4KM => "q4_k_m",
         }
     }
 }
@@ -44,52 +61,30 @@ impl WeightType {
 const TOKEN_NORMAL: i32 = 1;
 const TOKEN_CONTROL: i32 = 3;
 
-/// The Hugging Face tensor and its llama.cpp name, for every tensor llama.cpp's
-/// Qwen2 graph reads. An untied output head is written as `output.weight`; a tied
-/// one is left out, and llama.cpp reuses `token_embd.weight` as kframe does.
-fn tensor_names(layers: usize, tied: bool) -> Vec<(String, String)> {
-    let mut names = vec![
-        ("model.embed_tokens.weight".to_owned(), "token_embd.weight".to_owned()),
-        ("model.norm.weight".to_owned(), "output_norm.weight".to_owned()),
-    ];
-    if !tied {
-        names.push(("lm_head.weight".into(), "output.weight".into()));
-    }
-    let per_layer = [
-        ("input_layernorm.weight", "attn_norm.weight"),
-        ("self_attn.q_proj.weight", "attn_q.weight"),
-        ("self_attn.q_proj.bias", "attn_q.bias"),
-        ("self_attn.k_proj.weight", "attn_k.weight"),
-        ("self_attn.k_proj.bias", "attn_k.bias"),
-        ("self_attn.v_proj.weight", "attn_v.weight"),
-        ("self_attn.v_proj.bias", "attn_v.bias"),
-        ("self_attn.o_proj.weight", "attn_output.weight"),
-        ("post_attention_layernorm.weight", "ffn_norm.weight"),
-        ("mlp.gate_proj.weight", "ffn_gate.weight"),
-        ("mlp.up_proj.weight", "ffn_up.weight"),
-        ("mlp.down_proj.weight", "ffn_down.weight"),
-    ];
-    for l in 0..layers {
-        for (hf, gguf) in per_layer {
-            names.push((format!("model.layers.{l}.{hf}"), format!("blk.{l}.{gguf}")));
-        }
-    }
-    names
-}
-
 /// The tokenizer's vocabulary in id order, each token's GGUF type, and its BPE
 /// merges as `"left right"` strings.
 struct Vocab {
     tokens: Vec<String>,
     types: Vec<i32>,
     merges: Vec<String>,
+    /// `tokenizer.ggml.pre`.
+    pre: &'static str,
 }
 
-fn vocab(dir: &ModelDir, vocab_size: usize) -> anyhow::Result<Vocab> {
+/// The alternatives of Qwen2's split pattern that set it apart from GPT-2's:
+/// letters with one leading non-letter, and digits one at a time.
+const QWEN2_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|";
+
+fn vocab(dir: &ModelDir, vocab_size: usize) -> Result<Vocab> {
     let tokenizer = dir.load_tokenizer()?;
-    let json: serde_json::Value = serde_json::from_str(&tokenizer.to_string(false).map_err(anyhow::Error::msg)?)?;
+    let tokenizer_error = |e: String| Error::Tokenizer(format!("GGUF export: {e}"));
+    let json: serde_json::Value =
+        serde_json::from_str(&tokenizer.to_string(false).map_err(|e| tokenizer_error(e.to_string()))?)
+            .map_err(|e| tokenizer_error(e.to_string()))?;
     let model = &json["model"];
-    anyhow::ensure!(model["type"] == "BPE", "GGUF export needs a BPE tokenizer, not {}", model["type"]);
+    if model["type"] != "BPE" {
+        return Err(tokenizer_error(format!("needs a BPE tokenizer, not {}", model["type"])));
+    }
     let by_id = tokenizer.get_vocab(true);
     // The config's vocabulary can be padded past the tokenizer's: those rows get
     // placeholder names, as llama.cpp's converter gives them.
@@ -120,22 +115,46 @@ fn vocab(dir: &ModelDir, vocab_size: usize) -> anyhow::Result<Vocab> {
             serde_json::Value::Array(pair) if pair.len() == 2 => {
                 Ok(format!("{} {}", pair[0].as_str().unwrap_or_default(), pair[1].as_str().unwrap_or_default()))
             }
-            other => anyhow::bail!("unreadable BPE merge {other}"),
+            other => Err(tokenizer_error(format!("unreadable BPE merge {other}"))),
         })
-        .collect::<anyhow::Result<_>>()?;
-    Ok(Vocab { tokens, types, merges })
+        .collect::<Result<_>>()?;
+    let qwen2 = split_patterns(&json["pre_tokenizer"]).iter().any(|p| p.contains(QWEN2_SPLIT));
+    let pre = if qwen2 { "qwen2" } else { "gpt-2" };
+    Ok(Vocab { tokens, types, merges, pre })
 }
 
-/// Writes `dir`'s model to `out` as GGUF with 2-D weights in `weights`.
-pub fn write(dir: &ModelDir, weights: WeightType, out: &Path) -> anyhow::Result<()> {
+/// Every regex a pre-tokenizer (or a sequence of them) splits on.
+fn split_patterns(pre: &serde_json::Value) -> Vec<String> {
+    match pre {
+        serde_json::Value::Object(map) => {
+            let own = map.get("pattern").and_then(|p| p["Regex"].as_str()).map(str::to_owned);
+            let nested = map.get("pretokenizers").into_iter().flat_map(|list| list.as_array().into_iter().flatten());
+            own.into_iter().chain(nested.flat_map(split_patterns)).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Writes the safetensors model `dir` to `out` as a GGUF file llama.cpp loads,
+/// its matrices in `file_type` (norms and biases stay f32, as llama.cpp's own
+/// converter keeps them).
+///
+/// The pre-tokenizer is declared `qwen2` for a tokenizer that splits as Qwen2's
+/// does (one digit a piece), else `gpt-2`: kframe's embedded model keeps a run of
+/// digits (a 4-digit secret) as one piece, which llama.cpp's `gpt-2` split does.
+pub fn write(dir: &ModelDir, file_type: FileType, out: &Path) -> Result<()> {
     let cfg = &dir.config;
+    let weights_error = |source: candle_core::Error| Error::Weights { dir: dir.path.clone(), source };
     let vb = dir.var_builder(DType::F32, &Device::Cpu)?;
     let names = tensor_names(cfg.num_hidden_layers, cfg.tie_word_embeddings);
     let mut tensors = Vec::with_capacity(names.len());
     for (hf, gguf) in &names {
-        let t: Tensor = vb.get_unchecked(hf)?;
-        let dtype = if t.rank() == 2 { weights.ggml() } else { GgmlDType::F32 };
-        tensors.push((gguf.as_str(), QTensor::quantize(&t, dtype)?));
+        let t: Tensor = vb.get_unchecked(hf).map_err(weights_error)?;
+        let dtype = match t.rank() {
+            2 => file_type.ggml_type(Role::of(hf), t.dim(1).map_err(weights_error)?, cfg.num_hidden_layers),
+            _ => GgmlDType::F32,
+        };
+        tensors.push((gguf.as_str(), QTensor::quantize(&t, dtype).map_err(weights_error)?));
     }
     let vocab = vocab(dir, cfg.vocab_size)?;
     let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
@@ -144,7 +163,7 @@ pub fn write(dir: &ModelDir, weights: WeightType, out: &Path) -> anyhow::Result<
     let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
         ("general.name".into(), Value::String(dir.model_id())),
-        ("general.file_type".into(), Value::U32(weights.file_type())),
+        ("general.file_type".into(), Value::U32(file_type.number())),
         (format!("{arch}.context_length"), u32v(cfg.max_position_embeddings)),
         (format!("{arch}.embedding_length"), u32v(cfg.hidden_size)),
         (format!("{arch}.block_count"), u32v(cfg.num_hidden_layers)),
@@ -156,7 +175,7 @@ pub fn write(dir: &ModelDir, weights: WeightType, out: &Path) -> anyhow::Result<
         (format!("{arch}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
         (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(vocab.pre.into())),
         ("tokenizer.ggml.tokens".into(), strings(&vocab.tokens)),
         ("tokenizer.ggml.token_type".into(), Value::Array(vocab.types.iter().map(|&t| Value::I32(t)).collect())),
         ("tokenizer.ggml.merges".into(), strings(&vocab.merges)),
@@ -167,10 +186,21 @@ pub fn write(dir: &ModelDir, weights: WeightType, out: &Path) -> anyhow::Result<
         // Qwen2 has no BOS of its own; llama.cpp's converter points it at EOS too.
         metadata.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(eos)));
     }
+    if dir.eos_token_ids.len() > 1 {
+        let ids = dir.eos_token_ids.iter().map(|&id| Value::U32(id)).collect();
+        metadata.push((EOS_KEY.into(), Value::Array(ids)));
+    }
+    if let Some(template) = &dir.chat_template {
+        metadata.push(("tokenizer.chat_template".into(), Value::String(template.clone())));
+    }
+    if let Some(calibration) = dir.stored_calibration()? {
+        let json = serde_json::to_string(&calibration).map_err(|e| Error::Unsupported(e.to_string()))?;
+        metadata.push((CALIBRATION_KEY.into(), Value::String(json)));
+    }
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
     let mut file = std::io::BufWriter::new(std::fs::File::create(out)?);
-    gguf_file::write(&mut file, &metadata, &tensors)?;
+    gguf_file::write(&mut file, &metadata, &tensors).map_err(weights_error)?;
     std::io::Write::flush(&mut file)?;
     Ok(())
 }
@@ -179,10 +209,11 @@ pub fn write(dir: &ModelDir, weights: WeightType, out: &Path) -> anyhow::Result<
 mod tests {
     use super::*;
     use candle_core::quantized::gguf_file::Content;
+    use candle_core::quantized::GgmlDType;
 
     /// The embedded model written with `weights`, read back: the parsed file, the
     /// open file for its tensors, and the folder that holds it.
-    fn written(weights: WeightType) -> (Content, std::fs::File, tempfile::TempDir) {
+    fn written(weights: FileType) -> (Content, std::fs::File, tempfile::TempDir) {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("m.gguf");
         write(&ModelDir::embedded().unwrap(), weights, &path).unwrap();
@@ -193,7 +224,7 @@ mod tests {
     #[test]
     fn the_embedded_model_round_trips_through_gguf_with_llama_cpp_names_and_values() {
         let dir = ModelDir::embedded().unwrap();
-        let (content, mut f, _tmp) = written(WeightType::F32);
+        let (content, mut f, _tmp) = written(FileType::F32);
         let cfg = &dir.config;
         let md = |k: &str| content.metadata.get(k).unwrap_or_else(|| panic!("no {k}"));
         assert_eq!(md("general.architecture").to_string().unwrap(), "qwen2");
@@ -229,7 +260,7 @@ mod tests {
 
     #[test]
     fn an_f16_file_stores_matrices_in_f16_and_norms_and_biases_in_f32() {
-        let (content, _, _tmp) = written(WeightType::F16);
+        let (content, _, _tmp) = written(FileType::F16);
         assert_eq!(content.metadata["general.file_type"].to_u32().unwrap(), 1);
         let dtype = |n: &str| content.tensor_infos[n].ggml_dtype;
         assert_eq!(dtype("blk.0.attn_q.weight"), GgmlDType::F16);
