@@ -281,3 +281,36 @@ fn bench_peer_without_a_llama_cpp_build_says_how_to_make_one() {
     ]);
     assert_clean_error(&out, "scripts/bench-peer.sh");
 }
+
+/// A random model directory exported to GGUF generates the directory's tokens in a
+/// tenant's frame (f32 and f16 files are the same weights), quantizing a GGUF
+/// again is refused, and the real-size benches without Qwen's tokenizer say where
+/// to get it.
+#[test]
+fn export_gguf_round_trips_a_directory_and_the_real_size_benches_name_their_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data"));
+    synth_model(&model);
+    let gguf = tmp.path().join("model-f32.gguf");
+    let out =
+        kframe(&["export-gguf", "--model", model.to_str().unwrap(), "--type", "f32", "--out", gguf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("wrote"), "{}", stderr(&out));
+    let tenant = ["--prompt", "The quick brown fox", "--tenant", "alice", "--dtype", "f32"];
+    let (from_dir, from_file) = (generate(&model, &data, &tenant), generate(&gguf, &data, &tenant));
+    assert!(from_dir.status.success() && from_file.status.success(), "{}", stderr(&from_file));
+    assert_eq!(stdout(&from_dir), stdout(&from_file));
+    assert_clean_error(&generate(&gguf, &data, &["--prompt", "hi", "--quantize", "q8_0"]), "applies to safetensors");
+    let work = tmp.path().join("work");
+    let nowhere = tmp.path().join("no-tokenizer");
+    for bench in [
+        vec!["bench", "peer", "--preset", "qwen25-3b", "--llama-cpp", "/nonexistent"],
+        vec!["bench", "serve", "--preset", "qwen25-3b"],
+    ] {
+        let mut args = bench.clone();
+        args.extend(["--work-dir", work.to_str().unwrap(), "--tokenizer", nowhere.to_str().unwrap()]);
+        let out = kframe(&args);
+        let expect = if bench[1] == "peer" { "llama-batched-bench" } else { "scripts/qwen-tokenizer.sh" };
+        assert_clean_error(&out, expect);
+    }
+}

@@ -23,10 +23,13 @@
 
 pub mod http;
 pub mod peer;
+pub mod residency;
 pub mod serve;
 
 pub use http::{http, HttpBenchOptions, HttpReport};
+pub use peer::real_size::{real_size, RealSizeOptions, RealSizeReport};
 pub use peer::{peer, PeerBenchOptions, PeerReport};
+pub use residency::{residency, ResidencyOptions, ResidencyReport};
 pub use serve::{serve, ServeBenchOptions, ServeReport};
 
 use candle_core::{DType, Device, Tensor};

@@ -80,9 +80,13 @@ pub struct ServeReport {
     /// The raw measurement: resident-set growth and K/V bytes per session.
     pub rss_bytes_per_session: f64,
     pub kv_bytes_per_session: f64,
-    /// The keyring's fixed cost at its capacity.
+    /// The keyring's fixed cost at its byte budget (or at the resident tenants,
+    /// if they need less).
     pub keyring_bytes: u64,
-    /// Tenants with 256 private tokens each that fit in 24 GiB.
+    /// What the serving engine holds before any tenant: its model, mostly.
+    pub fixed_bytes: u64,
+    /// Tenants with 256 private tokens each that fit in 24 GiB beside the fixed
+    /// bytes and the keyring.
     pub resident_tenants: u64,
     /// Seconds inside policy components / serving seconds, in the batch-32 run
     /// with the shipped capacity and lru components (None if they are not built).
@@ -161,7 +165,10 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     drop(frames);
 
     progress("decode through the engine: 1 and 32 concurrent tenants");
+    // What the serving engine holds before any tenant (its model above all).
+    let before_engine = resident_bytes();
     let (engine, plugins_loaded) = serving_engine(&dir, dtype)?;
+    let fixed_bytes = resident_bytes().saturating_sub(before_engine);
     // `n` tenants at once, `rounds` requests each, one after another: tok/s and the
     // share of that time inside policy components.
     let decode = |n: usize, rounds: usize| -> anyhow::Result<(f64, f64)> {
@@ -239,8 +246,7 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     // cost (R^T and S, w x w, per layer and kv head, f32), not a per-tenant one.
     let shape = model.rotation_shape();
     let per_tenant: usize = (0..layers).map(|l| shape.kv_heads * 2 * layout.width(l, shape.head_dim).pow(2) * 4).sum();
-    let keyring_bytes = (EngineConfig::default().keyring_capacity * per_tenant) as u64;
-    let resident = (((24u64 << 30) - keyring_bytes) as f64 / (kv_per_tenant as f64 + overhead)) as u64;
+    let (resident, keyring_bytes) = resident_in_24gib(fixed_bytes, kv_per_tenant, overhead, per_tenant as u64);
 
     Ok(ServeReport {
         model: model_name,
@@ -264,6 +270,7 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
         rss_bytes_per_session: rss_added as f64 / half.max(1) as f64,
         kv_bytes_per_session: kv_added as f64 / half.max(1) as f64,
         keyring_bytes,
+        fixed_bytes,
         resident_tenants: resident,
         plugin_time_share: plugins_loaded.then_some(plugin_share),
         verify_all_overhead,
@@ -307,7 +314,24 @@ fn corrective_overhead(model: &Qwen2, seqs: usize, context: usize, steps: usize)
 }
 
 /// This process's resident set, from /proc (0 where there is none).
-fn resident_bytes() -> u64 {
+/// The budget residency is stated against.
+pub(crate) const MEMORY_BUDGET: u64 = 24 << 30;
+
+/// Tenants holding `kv_per_tenant` bytes of K/V and `overhead` bytes of engine
+/// state each that fit in [`MEMORY_BUDGET`] beside `fixed` bytes (the model and
+/// the engine before any tenant) and the keyring, which holds `keyring_per_tenant`
+/// bytes of rotations for each tenant it keeps, up to its budget; and the keyring's
+/// bytes at that count.
+pub(crate) fn resident_in_24gib(fixed: u64, kv_per_tenant: u64, overhead: f64, keyring_per_tenant: u64) -> (u64, u64) {
+    let per_tenant = kv_per_tenant as f64 + overhead;
+    let fit = |keyring: u64| (MEMORY_BUDGET.saturating_sub(fixed + keyring) as f64 / per_tenant) as u64;
+    let budget = EngineConfig::default().keyring_bytes as u64;
+    // The keyring at its budget, unless that many tenants do not fit anyway.
+    let keyring = budget.min(fit(0).saturating_mul(keyring_per_tenant));
+    (fit(keyring), keyring)
+}
+
+pub(crate) fn resident_bytes() -> u64 {
     let pages = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))

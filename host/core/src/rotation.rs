@@ -16,7 +16,6 @@ use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, StandardNormal};
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use zeroize::Zeroize;
 
@@ -249,6 +248,14 @@ impl TenantRotation {
         self.layers[layer].as_ref()
     }
 
+    /// The bytes of every matrix this tenant's rotations hold (the f64 copies of
+    /// an exact keyring included).
+    pub fn bytes(&self) -> usize {
+        let mats = |m: &Mats| [&m.r_t, &m.s].iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum::<usize>();
+        let layer = |l: &LayerRotation| mats(&l.compute) + l.exact.as_ref().map_or(0, mats);
+        self.layers.iter().flatten().map(layer).sum()
+    }
+
     pub fn tenant(&self) -> &str {
         &self.tenant
     }
@@ -304,7 +311,38 @@ pub struct Keyring {
     exact: bool,
     device: Device,
     padding: Option<Arc<Padding>>,
-    cache: Mutex<lru::LruCache<FrameKey, Arc<TenantRotation>>>,
+    cache: Mutex<Derived>,
+}
+
+/// The frames a keyring keeps derived, least recently used first out, within
+/// a number of frames and a number of bytes.
+struct Derived {
+    frames: lru::LruCache<FrameKey, Arc<TenantRotation>>,
+    bytes: usize,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+impl Derived {
+    fn insert(&mut self, id: FrameKey, rot: Arc<TenantRotation>) {
+        self.bytes += rot.bytes();
+        if let Some(old) = self.frames.put(id, rot) {
+            self.bytes -= old.bytes();
+        }
+        // The newest frame stays even when it alone is over the budget: the
+        // request that derived it is about to use it.
+        while self.frames.len() > 1 && (self.frames.len() > self.max_frames || self.bytes > self.max_bytes) {
+            if let Some((_, old)) = self.frames.pop_lru() {
+                self.bytes -= old.bytes();
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &FrameKey) {
+        if let Some(old) = self.frames.pop(id) {
+            self.bytes -= old.bytes();
+        }
+    }
 }
 
 /// How a [`Keyring`] derives and keeps frames.
@@ -315,6 +353,7 @@ pub struct KeyringBuilder {
     precision: KvPrecision,
     device: Device,
     capacity: usize,
+    budget_bytes: usize,
     padding: Option<Padding>,
 }
 
@@ -343,6 +382,15 @@ impl KeyringBuilder {
         self
     }
 
+    /// Bytes of derived matrices kept, whatever the frames' count: one tenant of
+    /// Qwen2.5-3B holds 144 matrices of 128 x 128 (9.4 MB in f32), one of the
+    /// embedded model four. Least recently used frames are dropped past it; a
+    /// dropped tenant's next request derives its frame again.
+    pub fn budget_bytes(mut self, bytes: usize) -> Self {
+        self.budget_bytes = bytes;
+        self
+    }
+
     /// Lets [`Keyring::padded_frame`] pad layers with these settings.
     pub fn padding(mut self, padding: Padding) -> Self {
         self.padding = Some(padding);
@@ -350,7 +398,12 @@ impl KeyringBuilder {
     }
 
     pub fn build(self) -> Keyring {
-        let capacity = NonZeroUsize::new(self.capacity.max(1)).expect("capacity is at least 1");
+        let derived = Derived {
+            frames: lru::LruCache::unbounded(),
+            bytes: 0,
+            max_frames: self.capacity.max(1),
+            max_bytes: self.budget_bytes,
+        };
         Keyring {
             master: self.master,
             shape: self.shape,
@@ -358,7 +411,7 @@ impl KeyringBuilder {
             exact: self.precision == KvPrecision::Exact,
             device: self.device,
             padding: self.padding.map(Arc::new),
-            cache: Mutex::new(lru::LruCache::new(capacity)),
+            cache: Mutex::new(derived),
         }
     }
 }
@@ -368,7 +421,8 @@ type FrameKey = ([u8; 32], Layout);
 
 impl Keyring {
     /// A keyring for a model of `shape`: f32 rotations on the CPU, for native-precision
-    /// caches, keeping 256 tenants' frames, no padding; the builder changes each.
+    /// caches, keeping 256 tenants' frames with no byte budget, no padding; the
+    /// builder changes each.
     pub fn builder(master: MasterSecret, shape: RotationShape) -> KeyringBuilder {
         KeyringBuilder {
             master,
@@ -377,6 +431,7 @@ impl Keyring {
             precision: KvPrecision::Native,
             device: Device::Cpu,
             capacity: 256,
+            budget_bytes: usize::MAX,
             padding: None,
         }
     }
@@ -410,9 +465,9 @@ impl Keyring {
     pub fn forget(&self, tenant: &str, epoch: u64) {
         let id = TenantKey::derive(&self.master, tenant, epoch).fingerprint();
         let mut cache = self.cache.lock().expect("keyring lock");
-        let stale: Vec<_> = cache.iter().filter(|((f, _), _)| *f == id).map(|(k, _)| k.clone()).collect();
+        let stale: Vec<_> = cache.frames.iter().filter(|((f, _), _)| *f == id).map(|(k, _)| k.clone()).collect();
         for k in stale {
-            cache.pop(&k);
+            cache.remove(&k);
         }
     }
 
@@ -425,15 +480,21 @@ impl Keyring {
     pub fn padded_frame(&self, tenant: &str, epoch: u64, layout: &Layout) -> Result<Frame> {
         let key = TenantKey::derive(&self.master, tenant, epoch);
         let id = (key.fingerprint(), layout.clone());
-        if let Some(rot) = self.cache.lock().expect("keyring lock").get(&id) {
+        if let Some(rot) = self.cache.lock().expect("keyring lock").frames.get(&id) {
             return Ok(Frame::Tenant(rot.clone()));
         }
         // Derive outside the lock: it takes milliseconds per layer.
         let padding = self.padding.as_deref();
         let rot = TenantRotation::derive(&key, self.shape, self.dtype, self.exact, &self.device, layout, padding)?;
         let rot = Arc::new(rot);
-        self.cache.lock().expect("keyring lock").put(id, rot.clone());
+        self.cache.lock().expect("keyring lock").insert(id, rot.clone());
         Ok(Frame::Tenant(rot))
+    }
+
+    /// The frames kept derived, and the bytes of their matrices.
+    pub fn held(&self) -> (usize, usize) {
+        let cache = self.cache.lock().expect("keyring lock");
+        (cache.frames.len(), cache.bytes)
     }
 }
 
@@ -497,6 +558,31 @@ mod tests {
         let std = (cosines.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / n).sqrt();
         let ratio = std * (d as f64).sqrt();
         assert!((0.9..=1.1).contains(&ratio), "std * sqrt(d) = {ratio}");
+    }
+
+    #[test]
+    fn a_keyring_keeps_frames_within_its_byte_budget_and_rederives_the_dropped_ones() {
+        let shape = RotationShape { layers: 2, kv_heads: 2, head_dim: 16 };
+        // One frame: 2 layers x 2 heads x (R, S) x 16 x 16 f32 = 8 KiB.
+        let one = 2 * 2 * 2 * 16 * 16 * 4;
+        let ring = Keyring::builder(MasterSecret::from_bytes([3; 32]), shape).budget_bytes(3 * one).build();
+        let frames: Vec<_> = (0..5).map(|t| ring.frame(&format!("t{t}"), 0).unwrap()).collect();
+        assert_eq!(ring.held(), (3, 3 * one));
+        // t0 was dropped: asked again, it is derived again, the same matrices.
+        let (Frame::Tenant(first), Frame::Tenant(again)) = (&frames[0], ring.frame("t0", 0).unwrap()) else {
+            panic!("tenant frames expected")
+        };
+        assert!(!Arc::ptr_eq(first, &again));
+        let (a, b) = (first.layer(1).unwrap().matrices().unwrap().0, again.layer(1).unwrap().matrices().unwrap().0);
+        assert_eq!((a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(ring.held(), (3, 3 * one));
+        ring.forget("t0", 0);
+        assert_eq!(ring.held(), (2, 2 * one));
+        // A budget under one frame still keeps the newest.
+        let tight = Keyring::builder(MasterSecret::from_bytes([3; 32]), shape).budget_bytes(1).build();
+        tight.frame("a", 0).unwrap();
+        tight.frame("b", 0).unwrap();
+        assert_eq!(tight.held(), (1, one));
     }
 
     #[test]

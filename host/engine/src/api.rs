@@ -140,6 +140,10 @@ pub struct PrefixInfo {
     pub bytes: u64,
 }
 
+/// [`EngineConfig::keyring_bytes`]'s default, 1 GiB: about 3,000 tenants of the
+/// embedded model, or 110 of Qwen2.5-3B (9.4 MB of rotations each).
+pub const DEFAULT_KEYRING_BYTES: usize = 1 << 30;
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub variant: Variant,
@@ -157,8 +161,9 @@ pub struct EngineConfig {
     /// The longest prompt admitted (the context window, less one token for the
     /// answer, is the limit in any case).
     pub max_prompt_tokens: usize,
-    /// Tenants whose rotations stay derived when not in use.
-    pub keyring_capacity: usize,
+    /// Bytes of tenants' rotations kept derived when not in use (least recently
+    /// used tenants past it derive theirs again at their next admission).
+    pub keyring_bytes: usize,
     /// Norm padding for the layers the depth-gate policy pads; None: no layer is
     /// padded whatever the policy says.
     pub padding: Option<kframe_core::layout::Padding>,
@@ -205,7 +210,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             queue_limit: 256,
             max_prompt_tokens: usize::MAX,
-            keyring_capacity: 256,
+            keyring_bytes: DEFAULT_KEYRING_BYTES,
             padding: None,
             tenant_limits: TenantLimits::default(),
             tier_limits: Default::default(),

@@ -45,7 +45,7 @@ mod worker;
 
 pub use api::{
     EngineConfig, EngineError, Event, InvalidRequest, PrefixInfo, PrefixMode, Stream, Submit, Tenant, TenantLimits,
-    Usage,
+    Usage, DEFAULT_KEYRING_BYTES,
 };
 pub use isolation::IsolationReport;
 pub use metrics::{Metrics, MetricsSnapshot};

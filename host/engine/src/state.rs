@@ -97,7 +97,8 @@ impl State {
             .dtype(model.dtype())
             .precision(cfg.precision)
             .device(model.device().clone())
-            .capacity(cfg.keyring_capacity)
+            .capacity(usize::MAX)
+            .budget_bytes(cfg.keyring_bytes)
             .build();
         let keyring = match &cfg.padding {
             Some(p) => keyring.with_padding(p.clone()),

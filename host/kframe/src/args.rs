@@ -192,6 +192,10 @@ pub struct ServeArgs {
     /// Most sequences in one forward pass (prompt chunks and decode tokens together).
     #[arg(long, default_value_t = 64)]
     pub max_batch: usize,
+    /// Bytes of tenants' rotation matrices kept derived between requests; a
+    /// tenant dropped past it derives its frame again at its next admission.
+    #[arg(long, default_value_t = kframe_engine::DEFAULT_KEYRING_BYTES)]
+    pub keyring_bytes: usize,
     /// Largest request body; bigger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -250,6 +254,17 @@ pub enum BenchCommand {
         /// The weights' dtype on the CPU (f16 and bf16 store K and V in it too).
         #[arg(long, value_enum, default_value_t)]
         dtype: DtypeArg,
+        /// The model: the embedded one, or Qwen2.5-3B's whole shape (random
+        /// weights, Q4_K_M), where the bench measures keys at real depth and
+        /// `--tenants` tenants resident.
+        #[arg(long, value_enum, default_value = "embedded")]
+        preset: PeerPreset,
+        /// With `--preset qwen25-3b`: where the model is written (and found again).
+        #[arg(long, default_value = "target/peer")]
+        work_dir: PathBuf,
+        /// With `--preset qwen25-3b`: Qwen's tokenizer (scripts/qwen-tokenizer.sh).
+        #[arg(long, default_value = "target/qwen-tokenizer")]
+        tokenizer: PathBuf,
     },
     /// HTTP over the in-process engine: aggregate decode tok/s with many
     /// concurrent streaming tenants, time to first token, and a many-tenant load
@@ -293,7 +308,25 @@ pub enum BenchCommand {
         /// With `--kframe-only`: the weights' dtype (the comparison runs both).
         #[arg(long, value_enum, default_value_t)]
         dtype: DtypeArg,
+        /// The model: the embedded one (as f32 and f16 GGUF), or Qwen2.5-3B's
+        /// whole shape with random weights (written into --work-dir once).
+        #[arg(long, value_enum, default_value = "embedded")]
+        preset: PeerPreset,
+        /// With `--preset qwen25-3b`: the GGUF file type both engines read.
+        #[arg(long, value_enum, default_value = "q4_k_m")]
+        quant: GgufTypeArg,
+        /// With `--preset qwen25-3b`: Qwen's tokenizer (scripts/qwen-tokenizer.sh).
+        #[arg(long, default_value = "target/qwen-tokenizer")]
+        tokenizer: PathBuf,
     },
+}
+
+/// `bench peer --preset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PeerPreset {
+    Embedded,
+    #[value(name = "qwen25-3b")]
+    Qwen25_3b,
 }
 
 #[derive(Subcommand)]

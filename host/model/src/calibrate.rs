@@ -1,7 +1,7 @@
 //! Measuring the norm-pad calibration of a model: the largest K and V norms it
-//! produces, per layer and kv head, over its whole vocabulary (at layer 0 a row's
-//! norm depends on its token alone) and over documents of the synthetic corpus (at
-//! every layer). Padded layers bring every row to these norms times a margin (see
+//! produces, per layer and kv head, over its whole vocabulary at layer 0 (where a
+//! row's norm depends on its token alone) and over documents of the synthetic
+//! corpus at every layer. Padded layers bring every row to these norms times a margin (see
 //! `kframe_core::layout`).
 
 use crate::bundle::ModelBundle;
@@ -22,11 +22,11 @@ pub fn calibration_for(dir: &ModelDir, bundle: &ModelBundle) -> Result<Calibrati
     if let Some(stored) = dir.stored_calibration()? {
         return Ok(stored);
     }
-    // The whole vocabulary runs through the model: seconds for the embedded model,
-    // long for a large one on CPU; hence the stored file.
+    // The documents run through the whole model: a second for the embedded
+    // model, minutes for a real-size one on CPU; hence the stored file.
     tracing::warn!(
-        "no {CALIBRATION_FILE} in {}: measuring the pad calibration now ({} vocabulary tokens and {CALIBRATION_DOCUMENTS} \
-         documents through the model); `kframe calibrate --out {}` stores one",
+        "no {CALIBRATION_FILE} in {}: measuring the pad calibration now ({} vocabulary tokens through layer 0 and \
+         {CALIBRATION_DOCUMENTS} documents through the model); `kframe calibrate --out {}` stores one",
         dir.path.display(),
         bundle.model.config().vocab_size,
         dir.path.join(CALIBRATION_FILE).display()
@@ -43,30 +43,37 @@ pub fn measure(dir: &ModelDir, bundle: &ModelBundle, margin: f64) -> Result<Cali
     measure_over(&bundle.model, &dir.model_id(), &documents, margin)
 }
 
-/// Measures `model` over its whole vocabulary (in windows of its context) and over
-/// `documents`, in the model's own frame.
+/// Measures `model` over its whole vocabulary at layer 0 (where a row's norm
+/// depends on its token alone: [`Qwen2::first_layer_kv`]) and over `documents` at
+/// every layer, in the model's own frame.
 pub fn measure_over(model: &Qwen2, model_id: &str, documents: &[Vec<u32>], margin: f64) -> Result<Calibration> {
     let cfg = model.config();
     let (layers, kv) = (cfg.num_hidden_layers, cfg.num_key_value_heads);
     let mut max_k = vec![vec![0f64; kv]; layers];
     let mut max_v = vec![vec![0f64; kv]; layers];
-    let window = cfg.max_position_embeddings.min(512);
+    // The largest row norm of each kv head of `rows` (kv, t, d) into `max`.
+    let widen = |rows: &candle_core::Tensor, max: &mut Vec<f64>| -> Result<()> {
+        let norms = rows.to_dtype(DType::F64)?.sqr()?.sum(2)?.sqrt()?.max(1)?.to_vec1::<f64>()?;
+        for (m, n) in max.iter_mut().zip(norms) {
+            *m = m.max(n);
+        }
+        Ok(())
+    };
     let vocab: Vec<u32> = (0..cfg.vocab_size as u32).collect();
-    let chunks = vocab.chunks(window).map(<[u32]>::to_vec);
-    let docs = documents.iter().flat_map(|d| d.chunks(cfg.max_position_embeddings)).map(<[u32]>::to_vec);
-    for tokens in chunks.chain(docs).filter(|t| !t.is_empty()) {
+    for tokens in vocab.chunks(4096) {
+        let (k, v) = model.first_layer_kv(tokens)?;
+        widen(&k, &mut max_k[0])?;
+        widen(&v, &mut max_v[0])?;
+    }
+    for tokens in documents.iter().flat_map(|d| d.chunks(cfg.max_position_embeddings)).filter(|t| !t.is_empty()) {
         let mut cache = model.new_cache(KvPrecision::Native);
         let mut trace = Trace::default();
-        model.forward_traced(&tokens, &mut cache, &Frame::Identity, Variant::ProbeTime, Some(&mut trace))?;
+        model.forward_traced(tokens, &mut cache, &Frame::Identity, Variant::ProbeTime, Some(&mut trace))?;
         for layer in 0..layers {
-            for (rows, max) in [(&trace.k[layer], &mut max_k[layer]), (&trace.v[layer], &mut max_v[layer])] {
-                let norms = rows.to_dtype(DType::F64)?.sqr()?.sum(2)?.sqrt()?.max(1)?.to_vec1::<f64>()?;
-                for (m, n) in max.iter_mut().zip(norms) {
-                    *m = m.max(n);
-                }
-            }
+            widen(&trace.k[layer], &mut max_k[layer])?;
+            widen(&trace.v[layer], &mut max_v[layer])?;
         }
     }
-    let corpus = format!("vocabulary ({} tokens) + {} documents", cfg.vocab_size, documents.len());
+    let corpus = format!("vocabulary ({} tokens, layer 0) + {} documents", cfg.vocab_size, documents.len());
     Ok(Calibration { model: model_id.to_owned(), corpus, margin, max_k, max_v })
 }

@@ -211,6 +211,16 @@ impl GgufFile {
         }
     }
 
+    /// Lets the kernel drop the mapped pages of a tensor once it has been copied
+    /// out, so that a loaded model holds its size in memory once, not twice
+    /// (mapped pages count in the resident set until they are dropped).
+    fn release(&self, bytes: &[u8]) {
+        let offset = bytes.as_ptr() as usize - self.map.as_ptr() as usize;
+        // SAFETY: the map is a read-only, private mapping of a file: a dropped
+        // page reads back from the file, unchanged, if it is touched again.
+        let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len()) };
+    }
+
     fn info(&self, gguf_name: &str) -> Result<&TensorInfo> {
         self.content.tensor_infos.get(gguf_name).ok_or_else(|| self.malformed(format!("no tensor {gguf_name}")))
     }
@@ -339,10 +349,12 @@ impl TensorSource for Source<'_> {
         if info.shape.dims() != [shape.0, shape.1] {
             candle_core::bail!("{name}: the file holds {:?}, the config implies {shape:?}", info.shape.dims())
         }
-        Ok(match dense_dtype(info.ggml_dtype) {
+        let matrix = match dense_dtype(info.ggml_dtype) {
             Some(dtype) => Matrix::Dense(Tensor::from_raw_buffer(bytes, dtype, info.shape.dims(), &self.device)?),
             None => Matrix::Quantized(Arc::new(gguf_file_tensor(info, bytes, &self.device)?)),
-        })
+        };
+        self.file.release(bytes);
+        Ok(matrix)
     }
 
     fn vector(&self, name: &str, len: usize, dtype: DType) -> candle_core::Result<Tensor> {
@@ -350,7 +362,9 @@ impl TensorSource for Source<'_> {
         if info.shape.dims() != [len] {
             candle_core::bail!("{name}: the file holds {:?}, the config implies ({len})", info.shape.dims())
         }
-        gguf_file_tensor(info, bytes, &self.device)?.dequantize(&self.device)?.to_dtype(dtype)
+        let vector = gguf_file_tensor(info, bytes, &self.device)?.dequantize(&self.device)?.to_dtype(dtype);
+        self.file.release(bytes);
+        vector
     }
 
     fn contains(&self, name: &str) -> bool {

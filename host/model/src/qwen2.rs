@@ -510,6 +510,29 @@ impl Qwen2 {
         Ok(Tensor::from_vec(out, (b, vocab), &self.device)?)
     }
 
+    /// Layer 0's K and V of each token on its own, (kv, tokens, d) each, in the
+    /// plaintext K/V dtype: the embedding, the input norm and the K and V
+    /// projections, nothing after. A row's norm at layer 0 depends on its token
+    /// alone (RoPE rotates pairs of K's coordinates and keeps the norm; V has no
+    /// RoPE), so calibration sweeps a whole vocabulary through this (seconds)
+    /// rather than through the whole model (on Qwen2.5-3B, most of an hour).
+    pub fn first_layer_kv(&self, tokens: &[u32]) -> Result<(Tensor, Tensor)> {
+        // Each token stands alone here: only the ids are checked, not a context.
+        let vocab_size = self.cfg.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(Error::UnknownToken { id, vocab_size });
+        }
+        let layer = &self.layers[0];
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
+        let xs = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?; // (t, 1, hidden)
+        let h = layer.input_layernorm.forward(&xs)?;
+        let (kv, d, t) = (layer.attn.kv_heads, layer.attn.head_dim, tokens.len());
+        let heads = |x: Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((t, kv, d))?.transpose(0, 1)?.contiguous()?.to_dtype(self.kv)
+        };
+        Ok((heads(layer.attn.k_proj.forward(&h)?)?, heads(layer.attn.v_proj.forward(&h)?)?))
+    }
+
     /// Whether `tokens` may run after `cached` tokens of context: not empty, every
     /// id in the vocabulary, the whole within the context window. The forward pass
     /// checks this, and the engine's admission asks it of every prompt before any

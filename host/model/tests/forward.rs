@@ -589,3 +589,26 @@ fn truncated_shrunk_and_dropped_caches_leave_only_zeros_behind() {
         assert!(all_zero(k) && all_zero(v), "a dropped cache left data behind");
     }
 }
+
+/// Calibration sweeps the vocabulary through layer 0 alone: its V rows are the
+/// forward pass's exactly (the same ops, no RoPE), and its K rows have the norms
+/// of the forward pass's RoPE'd ones within RoPE's own rounding (a rotation of
+/// coordinate pairs by f32 cos/sin: a few units of f32 per row).
+#[test]
+fn the_first_layer_kv_sweep_gives_layer_0_of_a_forward_pass_up_to_rope() {
+    let cfg = synth::tiny_config();
+    let tiny = model_dir(&cfg);
+    for dtype in [DType::F32, DType::F16] {
+        let model = tiny.dir.load_model(dtype, &Device::Cpu).unwrap();
+        let mut trace = Trace::default();
+        let mut cache = model.new_cache(KvPrecision::Native);
+        model.forward_traced(&PROMPT, &mut cache, &Frame::Identity, Variant::ProbeTime, Some(&mut trace)).unwrap();
+        let (k, v) = model.first_layer_kv(&PROMPT).unwrap();
+        assert_eq!(max_abs_diff(&v, &trace.v[0]), 0.0, "{dtype:?}: V");
+        let norms = |t: &Tensor| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum(2).unwrap().sqrt().unwrap();
+        let unit = if dtype == DType::F16 { F16_UNIT } else { F32_UNIT };
+        let bound = (4.0 * F32_UNIT + 2.0 * unit) * max_row_norm(&k);
+        assert!(max_abs_diff(&norms(&k), &norms(&trace.k[0])) <= bound, "{dtype:?}: K norms");
+        assert!(model.first_layer_kv(&[cfg.vocab_size as u32]).is_err());
+    }
+}

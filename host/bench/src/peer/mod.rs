@@ -20,6 +20,7 @@
 //! precision against the other's.
 
 pub mod llamacpp;
+pub mod real_size;
 
 use crate::serve::{model_dir, serving_engine};
 use candle_core::{DType, Device};

@@ -1,6 +1,6 @@
 //! `kframe bench`: costs, as ratios measured within one run.
 
-use crate::args::BenchCommand;
+use crate::args::{BenchCommand, PeerPreset};
 use crate::report::print_report;
 use kframe_bench::{self as bench, RotationBenchOptions};
 
@@ -12,7 +12,11 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let report = bench::rotation(&opts, progress)?;
             print_report(&report, json, report.to_text())
         }
-        BenchCommand::Serve { json, tenants, dtype } => {
+        BenchCommand::Serve { json, tenants, preset: PeerPreset::Qwen25_3b, work_dir, tokenizer, .. } => {
+            let report = bench::residency(&bench::ResidencyOptions { work_dir, tokenizer, tenants }, progress)?;
+            print_report(&report, json, report.to_text())
+        }
+        BenchCommand::Serve { json, tenants, dtype, .. } => {
             let opts = bench::ServeBenchOptions { tenants, dtype: dtype.into(), ..Default::default() };
             let report = bench::serve(&opts, progress)?;
             print_report(&report, json, report.to_text())
@@ -26,7 +30,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             let report = bench::plugins()?;
             print_report(&report, json, report.to_text())
         }
-        BenchCommand::Peer { json, llama_cpp, work_dir, pairs, kframe_only, dtype } => {
+        BenchCommand::Peer { json, llama_cpp, work_dir, pairs, kframe_only, dtype, preset, quant, tokenizer } => {
             // kframe's matrix products run on rayon's pool, which reads this too.
             let threads = std::env::var("RAYON_NUM_THREADS")
                 .ok()
@@ -34,6 +38,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 .filter(|&n| n > 0)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             anyhow::ensure!(pairs > 0, "--pairs must be at least 1");
+            if preset == PeerPreset::Qwen25_3b {
+                anyhow::ensure!(!kframe_only, "--kframe-only times the embedded model");
+                let opts =
+                    bench::RealSizeOptions { llama_cpp, work_dir, tokenizer, quant: quant.into(), pairs, threads };
+                let report = bench::real_size(&opts, progress)?;
+                return print_report(&report, json, report.to_text());
+            }
             if kframe_only {
                 let rounds = bench::peer::kframe_alone(pairs, dtype.into(), progress)?;
                 let text = (rounds.iter())

@@ -31,6 +31,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         prefix_mode: args.prefix_mode.into(),
         kv_budget: args.kv_budget,
         max_batch: args.max_batch,
+        keyring_bytes: args.keyring_bytes,
         max_prompt_tokens: args.max_prompt_tokens,
         padding,
         tenant_limits: TenantLimits { cache_bytes: args.tenant_cache_bytes, requests: args.tenant_requests },
