@@ -228,13 +228,17 @@ pub fn serve(opts: &ServeBenchOptions, mut progress: impl FnMut(&str)) -> anyhow
     for t in 0..half {
         session(t)?;
     }
-    let (rss_half, kv_half) = (resident_bytes(), engine.metrics().cache_bytes);
+    let at_half = (resident_bytes(), engine.metrics());
     for t in half..2 * half {
         session(t)?;
     }
-    let kv_added = engine.metrics().cache_bytes - kv_half;
-    let rss_added = resident_bytes().saturating_sub(rss_half);
-    let overhead = (rss_added as f64 - kv_added as f64).max(0.0) / half.max(1) as f64;
+    let at_end = engine.metrics();
+    let kv_added = at_end.cache_bytes - at_half.1.cache_bytes;
+    // The keyring grows with the sessions' tenants until its budget: a cost
+    // counted once, below, not per session.
+    let keyring_added = at_end.keyring_bytes.saturating_sub(at_half.1.keyring_bytes);
+    let rss_added = resident_bytes().saturating_sub(at_half.0);
+    let overhead = (rss_added as f64 - kv_added as f64 - keyring_added as f64).max(0.0) / half.max(1) as f64;
     let cache_shape = model.new_cache(KvPrecision::Native).shape();
     let layers = cache_shape.layers;
     // The layers the fallback depth gate pads, as the engine above laid them out.

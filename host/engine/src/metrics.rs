@@ -22,6 +22,7 @@ pub struct Metrics {
     pub(super) ttft_count: AtomicU64,
     pub(super) compute_micros: AtomicU64,
     pub(super) cache_bytes: AtomicU64,
+    pub(super) keyring_bytes: AtomicU64,
     pub(super) evictions: AtomicU64,
     pub(super) admissions_rejected: AtomicU64,
     pub(super) isolation_events: AtomicU64,
@@ -78,6 +79,8 @@ pub struct MetricsSnapshot {
     /// Allocated K/V bytes over all caches.
     pub cache_bytes: u64,
     pub cache_bytes_by_tenant: BTreeMap<u64, u64>,
+    /// Bytes of rotation matrices the keyring keeps derived.
+    pub keyring_bytes: u64,
     pub evictions: u64,
     pub admissions_rejected: u64,
     pub isolation_events: u64,
@@ -114,6 +117,7 @@ impl Metrics {
             tokens_per_second: if compute > 0.0 { tokens as f64 / compute } else { 0.0 },
             cache_bytes: self.cache_bytes.load(Relaxed),
             cache_bytes_by_tenant: self.tenant_bytes.lock().expect("metrics lock").clone(),
+            keyring_bytes: self.keyring_bytes.load(Relaxed),
             evictions: self.evictions.load(Relaxed),
             admissions_rejected: self.admissions_rejected.load(Relaxed),
             isolation_events: self.isolation_events.load(Relaxed),

@@ -31,6 +31,7 @@ use kframe_engine::{Engine, Event, Submit, Tenant};
 use kframe_model::device::DtypeChoice;
 use kframe_model::export::{self, FileType};
 use kframe_model::generate::SamplingParams;
+use kframe_model::load::ModelDir;
 use kframe_model::{ModelBundle, Variant};
 use llamacpp::LlamaCpp;
 use std::path::PathBuf;
@@ -56,6 +57,8 @@ const PREFILL_RUNS: usize = 3;
 /// The greedy check: this many prompts, this many tokens each.
 const GREEDY_PROMPTS: usize = 8;
 const GREEDY_TOKENS: usize = 32;
+/// The quantized files' check: this many steps of each prompt.
+const QUANTIZED_STEPS: usize = 16;
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Speeds {
@@ -90,6 +93,21 @@ pub struct GreedyCheck {
     pub kframe_f16_tenant_frame_prompts_equal: usize,
     pub llamacpp_f16_prompts_equal: usize,
     /// Where llama.cpp (f32) first chose otherwise, if it did.
+    pub first_difference: Option<Difference>,
+    /// The same check on Q8_0 and Q4_K_M files of the model.
+    pub quantized: Vec<QuantizedGreedy>,
+}
+
+/// Greedy tokens of kframe and llama.cpp on one quantized GGUF file.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantizedGreedy {
+    pub file_type: FileType,
+    pub steps: usize,
+    pub kframe_identity_equals_tenant_frame: bool,
+    /// Prompts (of the check's) on which llama.cpp chose kframe's tokens.
+    pub llamacpp_prompts_equal: usize,
+    /// Where they first differ, with kframe's top-two margin there: quantized
+    /// activations round differently in the two engines, so a near-tie may flip.
     pub first_difference: Option<Difference>,
 }
 
@@ -144,18 +162,18 @@ pub fn peer(opts: &PeerBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::
     let prompts: Vec<Vec<u32>> =
         (0..GREEDY_PROMPTS).map(|p| (0..PROMPT).map(|i| token(p * 101 + i)).collect()).collect();
     progress("greedy tokens: kframe (identity and tenant frames; f32, f16) and llama.cpp (f32, f16)");
-    let kframe_greedy = |dtype: DType| -> anyhow::Result<(Tokens, Tokens, Vec<Vec<f32>>)> {
-        let bundle = ModelBundle::load(&dir, dtype, &Device::Cpu)?;
+    let kframe_greedy = |dir: &ModelDir, dtype: DType| -> anyhow::Result<(Tokens, Tokens, Vec<Vec<f32>>)> {
+        let bundle = ModelBundle::load(dir, dtype, &Device::Cpu)?;
         let ring = Keyring::builder(MasterSecret::from_bytes(MASTER), bundle.model.rotation_shape())
             .dtype(bundle.model.dtype())
             .build();
         let tenant_frame = ring.frame("peer-bench", 0)?;
-        let (identity, margins) = greedy(&bundle, &prompts, &Frame::Identity)?;
-        let (framed, _) = greedy(&bundle, &prompts, &tenant_frame)?;
+        let (identity, margins) = greedy(&bundle, &prompts, &Frame::Identity, GREEDY_TOKENS)?;
+        let (framed, _) = greedy(&bundle, &prompts, &tenant_frame, GREEDY_TOKENS)?;
         Ok((identity, framed, margins))
     };
-    let (identity, framed, margins) = kframe_greedy(DType::F32)?;
-    let (identity16, framed16, _) = kframe_greedy(DType::F16)?;
+    let (identity, framed, margins) = kframe_greedy(&dir, DType::F32)?;
+    let (identity16, framed16, _) = kframe_greedy(&dir, DType::F16)?;
     let llama_f32 = llama.greedy(&f32_file, &prompts, GREEDY_TOKENS)?;
     let llama_f16 = llama.greedy(&f16_file, &prompts, GREEDY_TOKENS)?;
     let agree = |a: &Tokens, b: &Tokens| a.iter().zip(b).filter(|(a, b)| a == b).count();
@@ -167,7 +185,26 @@ pub fn peer(opts: &PeerBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::
         kframe_f16_tenant_frame_prompts_equal: agree(&identity16, &framed16),
         llamacpp_f16_prompts_equal: agree(&llama_f16, &identity16),
         first_difference: first_difference(&identity, &llama_f32, &margins),
+        quantized: Vec::new(),
     };
+    // The same file, quantized, read by both engines: the first QUANTIZED_STEPS
+    // tokens of each prompt.
+    let mut greedy = greedy;
+    for file_type in [FileType::Q8_0, FileType::Q4KM] {
+        let file = opts.work_dir.join(format!("kframe-{}.gguf", file_type.name()));
+        export::write(&dir, file_type, &file)?;
+        let (ours, framed, margins) = kframe_greedy(&ModelDir::open(&file)?, DType::F32)?;
+        let cut = |t: &Tokens| t.iter().map(|p| p[..QUANTIZED_STEPS].to_vec()).collect::<Tokens>();
+        let (ours, framed) = (cut(&ours), cut(&framed));
+        let theirs = cut(&llama.greedy(&file, &prompts, QUANTIZED_STEPS)?);
+        greedy.quantized.push(QuantizedGreedy {
+            file_type,
+            steps: QUANTIZED_STEPS,
+            kframe_identity_equals_tenant_frame: ours == framed,
+            llamacpp_prompts_equal: agree(&ours, &theirs),
+            first_difference: first_difference(&ours, &theirs, &margins),
+        });
+    }
 
     let (engine32, _) = serving_engine(&dir, DType::F32)?;
     let (engine16, _) = serving_engine(&dir, DType::F16)?;
@@ -268,15 +305,20 @@ type Tokens = Vec<Vec<u32>>;
 /// margin of each step. End-of-sequence tokens are never chosen, as llama.cpp's
 /// `ignore_eos` masks them (its end-of-generation set for this vocabulary is
 /// kframe's, `<|endoftext|>` and `<|im_end|>`).
-fn greedy(bundle: &ModelBundle, prompts: &[Vec<u32>], frame: &Frame) -> anyhow::Result<(Tokens, Vec<Vec<f32>>)> {
+fn greedy(
+    bundle: &ModelBundle,
+    prompts: &[Vec<u32>],
+    frame: &Frame,
+    steps: usize,
+) -> anyhow::Result<(Tokens, Vec<Vec<f32>>)> {
     let model = &bundle.model;
     let mut tokens = Vec::with_capacity(prompts.len());
     let mut margins = Vec::with_capacity(prompts.len());
     for p in prompts {
         let mut cache = model.new_cache(KvPrecision::Native);
         let mut logits = model.forward(p, &mut cache, frame, Variant::ProbeTime)?;
-        let (mut out, mut gaps) = (Vec::with_capacity(GREEDY_TOKENS), Vec::with_capacity(GREEDY_TOKENS));
-        while out.len() < GREEDY_TOKENS {
+        let (mut out, mut gaps) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
+        while out.len() < steps {
             let mut row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
             for &eos in &bundle.eos_token_ids {
                 row[eos as usize] = f32::NEG_INFINITY;
@@ -469,6 +511,16 @@ impl PeerReport {
             self.pairs.len(),
             self.pairs.iter().filter(|p| p.quiet).count()
         );
+        for q in &self.greedy.quantized {
+            s += &format!(
+                "{}: llama.cpp chose kframe's first {} tokens on {} of {} prompts; tenant frame = identity: {}\n",
+                q.file_type.name(),
+                q.steps,
+                q.llamacpp_prompts_equal,
+                self.greedy.prompts,
+                q.kframe_identity_equals_tenant_frame
+            );
+        }
         s
     }
 }

@@ -11,16 +11,15 @@
 //! does by default: each tenant in its own frame, norm padding, verification.
 
 use super::llamacpp::LlamaCpp;
-use super::{drain, median, prompt_token, run, submit, wait_for_quiet, Tokens, PREFILL, PROMPT};
+use super::{drain, greedy, median, prompt_token, run, submit, wait_for_quiet, PREFILL, PROMPT};
 use crate::serve::serving_engine;
 use candle_core::{DType, Device};
-use kframe_core::cache::KvPrecision;
 use kframe_core::keys::MasterSecret;
 use kframe_core::rotation::{Frame, Keyring};
 use kframe_engine::Engine;
 use kframe_model::export::{self, FileType};
 use kframe_model::load::ModelDir;
-use kframe_model::{synth, ModelBundle, Variant};
+use kframe_model::{synth, ModelBundle};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -162,7 +161,8 @@ pub fn real_size(opts: &RealSizeOptions, mut progress: impl FnMut(&str)) -> anyh
             .dtype(bundle.model.dtype())
             .build();
         let frame = ring.frame("peer-bench", 0)?;
-        (greedy(&bundle, &prompts, &Frame::Identity)?, greedy(&bundle, &prompts, &frame)?)
+        let run = |frame: &Frame| greedy(&bundle, &prompts, frame, GREEDY_TOKENS).map(|(tokens, _)| tokens);
+        (run(&Frame::Identity)?, run(&frame)?)
     };
     let llama_tokens = llama.greedy(&file, &prompts, GREEDY_TOKENS)?;
     let llamacpp_prompts_equal = llama_tokens.iter().zip(&identity).filter(|(a, b)| a == b).count();
@@ -227,28 +227,6 @@ pub fn real_size(opts: &RealSizeOptions, mut progress: impl FnMut(&str)) -> anyh
         median_kframe: medians(|p| p.kframe),
         pairs,
     })
-}
-
-/// Greedy continuations, end of sequence masked as llama.cpp's `ignore_eos` does.
-fn greedy(bundle: &ModelBundle, prompts: &[Vec<u32>], frame: &Frame) -> anyhow::Result<Tokens> {
-    let model = &bundle.model;
-    let mut all = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        let mut cache = model.new_cache(KvPrecision::Native);
-        let mut logits = model.forward(p, &mut cache, frame, Variant::ProbeTime)?;
-        let mut out = Vec::with_capacity(GREEDY_TOKENS);
-        while out.len() < GREEDY_TOKENS {
-            let mut row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-            for &eos in &bundle.eos_token_ids {
-                row[eos as usize] = f32::NEG_INFINITY;
-            }
-            let next = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i) as u32;
-            out.push(next);
-            logits = model.forward(&[next], &mut cache, frame, Variant::ProbeTime)?;
-        }
-        all.push(out);
-    }
-    Ok(all)
 }
 
 fn llama_speeds(llama: &LlamaCpp, file: &Path) -> anyhow::Result<RealSizeSpeeds> {
