@@ -351,9 +351,10 @@ impl Qwen2 {
         self.dtype
     }
 
-    /// The dtype dense weight matrices are held in (f16 or bf16 on a CPU whose
-    /// compute dtype is f32, else the compute dtype); quantized matrices keep their
-    /// GGML blocks.
+    /// The dtype the weights were asked for in (f16 or bf16 on a CPU whose compute
+    /// dtype is f32, else the compute dtype): a safetensors model's dense matrices
+    /// are held in it; a GGUF file's matrices, and quantized ones, keep their own
+    /// formats (`ModelDir::weights_format` names them).
     pub fn weights_dtype(&self) -> DType {
         self.weights
     }
