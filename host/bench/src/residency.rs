@@ -181,11 +181,11 @@ pub fn residency(opts: &ResidencyOptions, mut progress: impl FnMut(&str)) -> any
     let process_rss_bytes = resident_bytes();
     let kv_added = m.cache_bytes.saturating_sub(before_tenants.1);
     let kv_bytes_per_tenant = kv_added / opts.tenants.max(1) as u64;
-    // Beyond the K/V: session tables, the keyring filling to its budget.
-    let keyring_held =
-        (EngineConfig::default().keyring_bytes as u64).min(opts.tenants as u64 * keyring_bytes_per_tenant);
+    // Beyond the K/V and the keyring filling to its budget: session tables.
+    let keyring_held = m.keyring_bytes;
+    let keyring_added = keyring_held.saturating_sub(cold_frames) as f64;
     let rss_added = process_rss_bytes.saturating_sub(before_tenants.0) as f64;
-    let overhead = ((rss_added - kv_added as f64 - keyring_held as f64) / opts.tenants.max(1) as f64).max(0.0);
+    let overhead = ((rss_added - kv_added as f64 - keyring_added) / opts.tenants.max(1) as f64).max(0.0);
     let (resident, keyring) = resident_in_24gib(fixed_bytes, kv_bytes_per_tenant, overhead, keyring_bytes_per_tenant);
     engine.shutdown();
     Ok(ResidencyReport {

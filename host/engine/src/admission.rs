@@ -193,9 +193,7 @@ impl State {
     ) {
         let Pending { req, tx, .. } = p;
         let Plan { verify, layout, held, reserved } = plan;
-        let derived = self.keyring.padded_frame(&req.tenant.key_id, req.tenant.epoch, &layout);
-        self.metrics.keyring_bytes.store(self.keyring.held().1 as u64, std::sync::atomic::Ordering::Relaxed);
-        let frame = match derived {
+        let frame = match self.keyring.padded_frame(&req.tenant.key_id, req.tenant.epoch, &layout) {
             Ok(f) => f,
             Err(e) => {
                 self.give_back(&key, req.tenant.id, checkout);

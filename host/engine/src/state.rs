@@ -148,6 +148,7 @@ impl State {
         Metrics::set(&m.sequences, self.active.len() as u64);
         Metrics::set(&m.queued, self.waiting.len() as u64);
         Metrics::set(&m.cache_bytes, self.ledger.used);
+        Metrics::set(&m.keyring_bytes, self.keyring.held().1 as u64);
         let mut tenants: Vec<u64> = self.active.iter().map(|s| s.tenant.id).collect();
         tenants.sort_unstable();
         tenants.dedup();

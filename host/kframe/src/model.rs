@@ -28,6 +28,7 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<(ModelDir, ModelBundle)> {
 /// /proc/self/status is not there.
 fn peak_rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok());
+    let kb =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok());
     kb.unwrap_or(0u64) * 1024
 }

@@ -519,10 +519,7 @@ impl Qwen2 {
     /// rather than through the whole model (on Qwen2.5-3B, most of an hour).
     pub fn first_layer_kv(&self, tokens: &[u32]) -> Result<(Tensor, Tensor)> {
         // Each token stands alone here: only the ids are checked, not a context.
-        let vocab_size = self.cfg.vocab_size;
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab_size) {
-            return Err(Error::UnknownToken { id, vocab_size });
-        }
+        self.check_ids(tokens)?;
         let layer = &self.layers[0];
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(1)?;
         let xs = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?; // (t, 1, hidden)
@@ -534,6 +531,15 @@ impl Qwen2 {
         Ok((heads(layer.attn.k_proj.forward(&h)?)?, heads(layer.attn.v_proj.forward(&h)?)?))
     }
 
+    /// Every id in the vocabulary.
+    fn check_ids(&self, tokens: &[u32]) -> Result<()> {
+        let vocab_size = self.cfg.vocab_size;
+        match tokens.iter().find(|&&id| id as usize >= vocab_size) {
+            Some(&id) => Err(Error::UnknownToken { id, vocab_size }),
+            None => Ok(()),
+        }
+    }
+
     /// Whether `tokens` may run after `cached` tokens of context: not empty, every
     /// id in the vocabulary, the whole within the context window. The forward pass
     /// checks this, and the engine's admission asks it of every prompt before any
@@ -542,10 +548,7 @@ impl Qwen2 {
         if tokens.is_empty() {
             return Err(Error::EmptyPrompt);
         }
-        let vocab_size = self.cfg.vocab_size;
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab_size) {
-            return Err(Error::UnknownToken { id, vocab_size });
-        }
+        self.check_ids(tokens)?;
         let needed = cached + tokens.len();
         if needed > self.cfg.max_position_embeddings {
             return Err(Error::ContextTooLong { needed, max: self.cfg.max_position_embeddings });

@@ -78,23 +78,33 @@ fn f32_and_f16_gguf_files_give_the_directory_s_greedy_tokens_and_logits_in_ident
     }
 }
 
+/// Each text's ids from `ours`, checked equal to `reference`'s.
+fn same_ids(ours: &tokenizers::Tokenizer, reference: &tokenizers::Tokenizer, texts: &[&str]) -> Vec<Vec<u32>> {
+    let ids = |t: &tokenizers::Tokenizer, text: &str| t.encode(text, false).unwrap().get_ids().to_vec();
+    let mut all = Vec::with_capacity(texts.len());
+    for text in texts {
+        let a = ids(ours, text);
+        assert_eq!(a, ids(reference, text), "{text:?}");
+        all.push(a);
+    }
+    all
+}
+
 #[test]
 fn a_gguf_file_s_tokenizer_gives_the_tokenizer_json_ids_and_text() {
     let (path, _tmp) = written(FileType::F16);
     let file = ModelDir::open(&path).unwrap();
     let dir = ModelDir::embedded().unwrap();
     let (ours, reference) = (file.load_tokenizer().unwrap(), dir.load_tokenizer().unwrap());
-    for text in [
+    let texts = [
         PROMPTS[0],
         PROMPTS[2],
         "  two  spaces, 12 34567 digits; punctuation!? and\nnew lines\n\n",
         "<|im_start|>user\nwhat is the secret of rosa<|im_end|>\n<|im_start|>assistant\n",
         "unicode: café naïve 東京",
-    ] {
-        let a = ours.encode(text, false).unwrap().get_ids().to_vec();
-        let b = reference.encode(text, false).unwrap().get_ids().to_vec();
-        assert_eq!(a, b, "{text:?}");
-        assert_eq!(ours.decode(&a, true).unwrap(), reference.decode(&b, true).unwrap(), "{text:?}");
+    ];
+    for (text, ids) in texts.iter().zip(same_ids(&ours, &reference, &texts)) {
+        assert_eq!(ours.decode(&ids, true).unwrap(), reference.decode(&ids, true).unwrap(), "{text:?}");
     }
     assert_eq!(file.eos_token_ids.first(), dir.eos_token_ids.first());
     assert_eq!(file.chat_template, dir.chat_template);
@@ -302,15 +312,13 @@ fn a_qwen_tokenizer_survives_a_gguf_file_with_the_qwen2_pre_tokenizer() {
     assert_eq!(content.metadata["tokenizer.ggml.pre"].to_string().unwrap(), "qwen2");
     let file = ModelDir::open(&gguf).unwrap();
     let (ours, reference) = (file.load_tokenizer().unwrap(), dir.load_tokenizer().unwrap());
-    for text in [
+    let texts = [
         "Hello world, it's 2026-12-02 and 1234567 apples cost $3.50!",
         "<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\n你好，世界<|im_end|>\n",
         "  indented\n\n\tcode(x) => x ** 2; // café",
-    ] {
-        let a = ours.encode(text, false).unwrap().get_ids().to_vec();
-        let b = reference.encode(text, false).unwrap().get_ids().to_vec();
-        assert_eq!(a, b, "{text:?}");
-        assert_eq!(ours.decode(&a, false).unwrap(), text, "{text:?}");
+    ];
+    for (text, ids) in texts.iter().zip(same_ids(&ours, &reference, &texts)) {
+        assert_eq!(ours.decode(&ids, false).unwrap(), *text, "{text:?}");
     }
     let im_end = reference.token_to_id("<|im_end|>").unwrap();
     assert!(file.eos_token_ids.contains(&im_end), "{:?}", file.eos_token_ids);
