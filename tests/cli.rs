@@ -306,11 +306,30 @@ fn export_gguf_round_trips_a_directory_and_the_real_size_benches_name_their_toke
     for bench in [
         vec!["bench", "peer", "--preset", "qwen25-3b", "--llama-cpp", "/nonexistent"],
         vec!["bench", "serve", "--preset", "qwen25-3b"],
+        vec!["bench", "rotation", "--preset", "qwen25-3b"],
     ] {
         let mut args = bench.clone();
         args.extend(["--work-dir", work.to_str().unwrap(), "--tokenizer", nowhere.to_str().unwrap()]);
         let out = kframe(&args);
         let expect = if bench[1] == "peer" { "llama-batched-bench" } else { "scripts/qwen-tokenizer.sh" };
         assert_clean_error(&out, expect);
+    }
+}
+
+#[cfg(feature = "embedded-model")]
+#[test]
+fn check_device_passes_every_guarantee_on_the_cpu_and_refuses_a_device_not_built_in() {
+    let out = kframe(&["check-device", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let checks = report["checks"].as_array().unwrap();
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["frames", "batch", "exact round trip", "wrong key"]);
+    for c in checks {
+        assert_eq!(c["passed"], true, "{c}");
+    }
+    assert_eq!(report["passed"], true);
+    if !cfg!(feature = "cuda") {
+        assert_clean_error(&kframe(&["check-device", "--device", "cuda"]), "without the `cuda` feature");
     }
 }

@@ -19,7 +19,10 @@
 //! smaller vocabulary): rotation costs O(heads * d^2) per layer against
 //! O(hidden * intermediate) for the layer, so only the real shape gives the real
 //! ratio. Variants are timed in interleaved rounds and compared by their medians,
-//! so drift on a noisy machine hits every variant alike.
+//! so drift on a noisy machine hits every variant alike. `--preset qwen25-3b`
+//! times the whole shape instead (36 layers, the Q4_K_M or Q8_0 GGUF file the
+//! peer bench writes): quantized weights make a step cheaper, so rotation's share
+//! is larger there than in the f32 slice.
 
 pub mod http;
 pub mod peer;
@@ -45,15 +48,32 @@ use std::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct RotationBenchOptions {
-    pub layers: usize,
-    pub vocab_size: usize,
+    pub model: RotationModel,
+    /// Where the layer slice runs (the whole shape runs on the CPU).
+    pub device: Device,
     pub rounds: usize,
     pub contexts: Vec<usize>,
 }
 
+/// The model the rotation bench decodes with.
+#[derive(Debug, Clone)]
+pub enum RotationModel {
+    /// `layers` layers of Qwen2.5-3B's shape in f32, random weights, a smaller
+    /// vocabulary; also compared with candle-transformers' qwen2.
+    LayerSlice { layers: usize, vocab_size: usize },
+    /// Qwen2.5-3B's whole shape from the peer bench's GGUF file (written into
+    /// `work_dir` if missing), K and V in f16 as `kframe serve` keeps them.
+    Qwen25_3b { work_dir: std::path::PathBuf, tokenizer: std::path::PathBuf, quant: kframe_model::export::FileType },
+}
+
 impl Default for RotationBenchOptions {
     fn default() -> Self {
-        Self { layers: 2, vocab_size: 32_768, rounds: 30, contexts: vec![512, 4096] }
+        Self {
+            model: RotationModel::LayerSlice { layers: 2, vocab_size: 32_768 },
+            device: Device::Cpu,
+            rounds: 30,
+            contexts: vec![512, 4096],
+        }
     }
 }
 
@@ -72,6 +92,8 @@ pub struct ContextTimes {
 pub struct RotationReport {
     pub model: String,
     pub machine: String,
+    /// Where the model ran (candle's name for the device).
+    pub device: String,
     pub rounds: usize,
     pub contexts: Vec<ContextTimes>,
     /// The same measurement on the embedded model (empty in builds without one).
@@ -79,9 +101,11 @@ pub struct RotationReport {
     pub probe_over_identity_ctx512: Option<f64>,
     pub probe_over_identity_ctx4096: Option<f64>,
     pub decode_over_probe_ctx4096: Option<f64>,
-    pub kframe_tok_s: f64,
-    pub candle_tok_s: f64,
-    pub kframe_over_candle: f64,
+    /// kframe (identity) and candle-transformers' qwen2 at context 512, on the
+    /// layer slice only: candle-transformers' qwen2 reads no GGUF.
+    pub kframe_tok_s: Option<f64>,
+    pub candle_tok_s: Option<f64>,
+    pub kframe_over_candle: Option<f64>,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -132,22 +156,70 @@ fn time_variants(model: &Qwen2, tenant: &Frame, ctx: usize, rounds: usize) -> Re
     })
 }
 
-pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> Result<RotationReport> {
-    let device = Device::Cpu;
-    let cfg = synth::qwen25_3b_layer_config(opts.layers, opts.vocab_size);
+pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> anyhow::Result<RotationReport> {
+    match &opts.model {
+        RotationModel::LayerSlice { layers, vocab_size } => Ok(layer_slice(opts, *layers, *vocab_size, progress)?),
+        RotationModel::Qwen25_3b { work_dir, tokenizer, quant } => {
+            let file = peer::real_size::prepare_model(work_dir, tokenizer, *quant, &mut progress)?;
+            progress("loading the model");
+            let dir = ModelDir::open(&file)?;
+            let model = dir.load_model(DType::F16, &Device::Cpu)?;
+            let contexts = time_contexts(&model, opts, &mut progress)?;
+            let cfg = model.config();
+            Ok(RotationReport::new(
+                format!(
+                    "random Qwen2 with Qwen2.5-3B's whole shape: {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, intermediate {}, vocab {}, weights {}, K/V f16",
+                    cfg.num_hidden_layers,
+                    cfg.hidden_size,
+                    cfg.num_attention_heads,
+                    cfg.num_key_value_heads,
+                    cfg.head_dim,
+                    cfg.intermediate_size,
+                    cfg.vocab_size,
+                    dir.weights_format(DType::F16, None)
+                ),
+                &Device::Cpu,
+                opts.rounds,
+                contexts,
+                Vec::new(),
+                None,
+            ))
+        }
+    }
+}
+
+/// [`time_variants`] at each of the options' contexts, in one tenant's frame.
+fn time_contexts(
+    model: &Qwen2,
+    opts: &RotationBenchOptions,
+    progress: &mut impl FnMut(&str),
+) -> Result<Vec<ContextTimes>> {
+    let ring = Keyring::builder(MasterSecret::random(), model.rotation_shape())
+        .device(model.device().clone())
+        .capacity(4)
+        .build();
+    let tenant = ring.frame("bench-tenant", 0)?;
+    let mut contexts = Vec::new();
+    for &ctx in &opts.contexts {
+        progress(&format!("decode at context {ctx}"));
+        contexts.push(time_variants(model, &tenant, ctx, opts.rounds)?);
+    }
+    Ok(contexts)
+}
+
+fn layer_slice(
+    opts: &RotationBenchOptions,
+    layers: usize,
+    vocab_size: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<RotationReport> {
+    let device = opts.device.clone();
+    let cfg = synth::qwen25_3b_layer_config(layers, vocab_size);
     progress("building random Qwen2.5-3B-shaped weights");
     let weights = synth::random_weights(&cfg, 1, DType::F32, &device)?;
     let vb = VarBuilder::from_tensors(weights, DType::F32, &device);
     let model = Qwen2::new(&cfg, vb.clone())?;
-    let ring =
-        Keyring::builder(MasterSecret::random(), model.rotation_shape()).device(device.clone()).capacity(4).build();
-    let tenant = ring.frame("bench-tenant", 0)?;
-
-    let mut contexts = Vec::new();
-    for &ctx in &opts.contexts {
-        progress(&format!("decode at context {ctx}"));
-        contexts.push(time_variants(&model, &tenant, ctx, opts.rounds)?);
-    }
+    let contexts = time_contexts(&model, opts, &mut progress)?;
 
     // The same ratios on the embedded model, whose layers are far smaller than
     // Qwen2.5-3B's while d is the same: the worst case for rotation's share.
@@ -185,10 +257,8 @@ pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> 
             theirs.push(t_theirs);
         }
     }
-    let (kframe_tok_s, candle_tok_s) = (1.0 / median(ours), 1.0 / median(theirs));
-    let at = |ctx: usize, f: fn(&ContextTimes) -> f64| contexts.iter().find(|c| c.context == ctx).map(f);
-    Ok(RotationReport {
-        model: format!(
+    Ok(RotationReport::new(
+        format!(
             "random Qwen2 with Qwen2.5-3B layer shape: {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, intermediate {}, vocab {}, f32",
             cfg.num_hidden_layers,
             cfg.hidden_size,
@@ -198,22 +268,46 @@ pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> 
             cfg.intermediate_size,
             cfg.vocab_size
         ),
-        machine: kframe_model::device::machine(),
-        rounds: opts.rounds,
-        probe_over_identity_ctx512: at(512, |c| c.probe_over_identity),
-        probe_over_identity_ctx4096: at(4096, |c| c.probe_over_identity),
-        decode_over_probe_ctx4096: at(4096, |c| c.decode_over_probe),
+        &device,
+        opts.rounds,
         contexts,
-        embedded_model: embedded_contexts,
-        kframe_tok_s,
-        candle_tok_s,
-        kframe_over_candle: kframe_tok_s / candle_tok_s,
-    })
+        embedded_contexts,
+        Some((1.0 / median(ours), 1.0 / median(theirs))),
+    ))
 }
 
 impl RotationReport {
+    /// `versus_candle`: kframe's and candle-transformers' tok/s.
+    fn new(
+        model: String,
+        device: &Device,
+        rounds: usize,
+        contexts: Vec<ContextTimes>,
+        embedded_model: Vec<ContextTimes>,
+        versus_candle: Option<(f64, f64)>,
+    ) -> Self {
+        let at = |ctx: usize, f: fn(&ContextTimes) -> f64| contexts.iter().find(|c| c.context == ctx).map(f);
+        RotationReport {
+            model,
+            machine: kframe_model::device::machine(),
+            device: format!("{device:?}"),
+            rounds,
+            probe_over_identity_ctx512: at(512, |c| c.probe_over_identity),
+            probe_over_identity_ctx4096: at(4096, |c| c.probe_over_identity),
+            decode_over_probe_ctx4096: at(4096, |c| c.decode_over_probe),
+            contexts,
+            embedded_model,
+            kframe_tok_s: versus_candle.map(|v| v.0),
+            candle_tok_s: versus_candle.map(|v| v.1),
+            kframe_over_candle: versus_candle.map(|(ours, theirs)| ours / theirs),
+        }
+    }
+
     pub fn to_text(&self) -> String {
-        let mut s = format!("model: {}\nmachine: {}\nrounds: {} (medians)\n\n", self.model, self.machine, self.rounds);
+        let mut s = format!(
+            "model: {}\nmachine: {}\ndevice: {}\nrounds: {} (medians)\n\n",
+            self.model, self.machine, self.device, self.rounds
+        );
         s += "context  identity tok/s  probe-time tok/s  decode-time tok/s  probe/identity  decode/identity\n";
         let row = |c: &ContextTimes| {
             format!(
@@ -231,10 +325,12 @@ impl RotationReport {
             s += "\nembedded model:\n";
         }
         s.extend(self.embedded_model.iter().map(row));
-        s += &format!(
-            "\nkframe (identity) {:.2} tok/s vs candle-transformers qwen2 {:.2} tok/s at context 512: kframe/candle = {:.3}\n",
-            self.kframe_tok_s, self.candle_tok_s, self.kframe_over_candle
-        );
+        if let (Some(ours), Some(theirs), Some(ratio)) = (self.kframe_tok_s, self.candle_tok_s, self.kframe_over_candle)
+        {
+            s += &format!(
+                "\nkframe (identity) {ours:.2} tok/s vs candle-transformers qwen2 {theirs:.2} tok/s at context 512: kframe/candle = {ratio:.3}\n"
+            );
+        }
         s
     }
 }

@@ -51,6 +51,20 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Run the engine's rotation and batching guarantees on a device (the tests
+    /// prove them on the CPU): tenant frames choose the identity frame's tokens,
+    /// a batch chooses each sequence's solo tokens, an exact cache round-trips bit
+    /// for bit, a wrong key recovers noise. Exits 1 if one fails.
+    CheckDevice {
+        /// A Hugging Face style Qwen2 directory, or a Qwen2 GGUF file [default: the
+        /// embedded model].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t)]
+        device: DeviceArg,
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure the norms K and V reach, per layer and kv head (over the whole
     /// vocabulary and the built-in corpus), and write the norm-pad calibration
     /// padded layers use (store it as kframe-pad.json in the model directory).
@@ -239,10 +253,28 @@ pub enum BenchCommand {
     Rotation {
         #[arg(long)]
         json: bool,
+        /// Layers of the f32 slice (the embedded preset).
         #[arg(long, default_value_t = 2)]
         layers: usize,
+        /// Where the f32 slice runs (the embedded preset; the whole shape runs on
+        /// the CPU).
+        #[arg(long, value_enum, default_value_t)]
+        device: DeviceArg,
         #[arg(long, default_value_t = 30)]
         rounds: usize,
+        /// `embedded`: a slice of Qwen2.5-3B's layers in f32, and the embedded
+        /// model. `qwen25-3b`: the whole shape from a GGUF file (random weights).
+        #[arg(long, value_enum, default_value = "embedded")]
+        preset: PeerPreset,
+        /// With `--preset qwen25-3b`: the GGUF file type.
+        #[arg(long, value_enum, default_value = "q4_k_m")]
+        quant: GgufTypeArg,
+        /// With `--preset qwen25-3b`: where the model is written (and found again).
+        #[arg(long, default_value = "target/peer")]
+        work_dir: PathBuf,
+        /// With `--preset qwen25-3b`: Qwen's tokenizer (scripts/qwen-tokenizer.sh).
+        #[arg(long, default_value = "target/qwen-tokenizer")]
+        tokenizer: PathBuf,
     },
     /// Shared prefill, batched decode, per-tenant memory and policy cost of the
     /// serving engine, as ratios measured in one run.

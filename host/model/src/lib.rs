@@ -21,6 +21,7 @@
 //! - [`synth`]: random-weight models written as real directories (tests, benches).
 //! - [`rounding`]: how far two float evaluations of the same pass may differ.
 //! - [`device`]: CPU / CUDA / Metal, the compute dtype, the compute thread pool.
+//! - [`device_check`]: the rotation and batching guarantees, run on a device.
 //!
 //! # Dependencies
 //!
@@ -58,6 +59,7 @@ pub mod calibrate;
 pub mod config;
 pub mod corpus;
 pub mod device;
+pub mod device_check;
 pub mod error;
 pub mod export;
 pub mod fused;

@@ -2,13 +2,18 @@
 
 use crate::args::{BenchCommand, PeerPreset};
 use crate::report::print_report;
-use kframe_bench::{self as bench, RotationBenchOptions};
+use kframe_bench::{self as bench, RotationBenchOptions, RotationModel};
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let progress = |msg: &str| eprintln!("bench: {msg}");
     match cmd {
-        BenchCommand::Rotation { json, layers, rounds } => {
-            let opts = RotationBenchOptions { layers, rounds, ..Default::default() };
+        BenchCommand::Rotation { json, layers, device, rounds, preset, quant, work_dir, tokenizer } => {
+            let model = match preset {
+                PeerPreset::Embedded => RotationModel::LayerSlice { layers, vocab_size: 32_768 },
+                PeerPreset::Qwen25_3b => RotationModel::Qwen25_3b { work_dir, tokenizer, quant: quant.into() },
+            };
+            let device = kframe_model::device::select(device.into())?;
+            let opts = RotationBenchOptions { model, device, rounds, ..Default::default() };
             let report = bench::rotation(&opts, progress)?;
             print_report(&report, json, report.to_text())
         }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod calibrate;
+mod check_device;
 mod corpus;
 mod eval;
 mod export_gguf;
@@ -21,6 +22,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(cmd) => eval::run(cmd),
         Command::SynthModel(args) => synth_model::run(args),
         Command::ExportGguf { model, file_type, out } => export_gguf::run(model.as_deref(), file_type.into(), &out),
+        Command::CheckDevice { model, device, json } => check_device::run(model.as_deref(), device.into(), json),
         Command::Calibrate { model, margin, out } => calibrate::run(&model, margin, &out),
         Command::Corpus { seed, docs, recall } => corpus::run(seed, docs, recall),
     }
