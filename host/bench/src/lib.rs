@@ -121,6 +121,9 @@ fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<f64> {
 
 const TOKEN: [u32; 1] = [42];
 
+/// Every order of the three variants.
+const ORDERS: [[usize; 3]; 6] = [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1], [2, 1, 0], [1, 0, 2]];
+
 /// Decode-step throughput in the identity frame and in a tenant frame with each
 /// variant, the cache holding `ctx` tokens, over interleaved rounds.
 fn time_variants(model: &Qwen2, tenant: &Frame, ctx: usize, rounds: usize) -> Result<ContextTimes> {
@@ -132,8 +135,11 @@ fn time_variants(model: &Qwen2, tenant: &Frame, ctx: usize, rounds: usize) -> Re
     }
     let mut times = vec![Vec::new(); runs.len()];
     for round in 0..rounds + 2 {
-        // Alternate the order so no variant always runs after the same one.
-        let order = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        // Cycle through every order, so each variant runs after each other one
+        // equally often: decode-time's step is the heaviest, and whatever it
+        // leaves behind (freed memory, cold caches) should not fall on one of the
+        // other two more than on the other.
+        let order = ORDERS[round % ORDERS.len()];
         for i in order {
             let (frame, variant) = runs[i];
             let cache = &mut caches[i];

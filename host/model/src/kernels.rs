@@ -283,7 +283,7 @@ fn block<const R: usize>(x: &[f32], k: usize, i0: usize) -> [&[f32]; R] {
 /// The output matrix (b, n), written by several threads at once, each to its own
 /// columns.
 #[derive(Clone, Copy)]
-struct Out {
+pub(crate) struct Out {
     ptr: *mut f32,
     n: usize,
     len: usize,
@@ -295,7 +295,7 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
-    fn set(&self, row: usize, col: usize, v: f32) {
+    pub(crate) fn set(&self, row: usize, col: usize, v: f32) {
         let at = row * self.n + col;
         assert!(at < self.len && col < self.n);
         // SAFETY: in bounds (checked), and no other thread writes this column.
@@ -306,7 +306,7 @@ impl Out {
 /// Runs `work(c0, c1, out)` over column ranges of `n` (multiples of `align`), on
 /// the compute threads when the product is large enough; `work` writes only the
 /// columns c0..c1 of `out`.
-fn split(n: usize, align: usize, bytes: usize, out: &mut [f32], work: impl Fn(usize, usize, Out) + Sync) {
+pub(crate) fn split(n: usize, align: usize, bytes: usize, out: &mut [f32], work: impl Fn(usize, usize, Out) + Sync) {
     let target = Out { ptr: out.as_mut_ptr(), n, len: out.len() };
     let threads = if bytes >= PARALLEL_BYTES { rayon::current_num_threads().max(1) } else { 1 };
     if threads == 1 {

@@ -66,6 +66,7 @@ pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
+pub mod kquants;
 pub mod load;
 pub mod qwen2;
 pub mod rounding;

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fused;
 use crate::kernels::{self, Form};
+use crate::kquants;
 use crate::weights::{Matrix, Safetensors, TensorSource};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -111,9 +112,21 @@ enum ProjWeight {
     /// 35-50% less time on three of four shapes and the same on the fourth (one
     /// row: the same).
     Dense { w_t: Tensor },
-    /// GGML blocks, W as stored (out, in): candle's quantized matmul quantizes
-    /// the activations to 8 bits and sums block by block, as llama.cpp does.
+    /// GGML blocks, W as stored (out, in): the activations are quantized to 8
+    /// bits and summed block by block, as llama.cpp does ([`quantized_product`]).
     Quantized(QMatMul),
+}
+
+/// `x W^T` for f32 x (rows, in) and GGML blocks W: kframe's K-quant kernels
+/// where they take it (Q4_K and Q6_K on an AVX2 CPU, read in place, see
+/// [`crate::kquants`]), else candle's quantized matmul.
+fn quantized_product(q: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
+    if let QMatMul::QTensor(w) = q {
+        if let Some(y) = kquants::product(x, w)? {
+            return Ok(y);
+        }
+    }
+    q.forward(x)
 }
 
 impl Proj {
@@ -149,7 +162,7 @@ impl Module for Proj {
                 // kernels; the widening here only keeps any other case correct.
                 None => x.matmul(&w_t.to_dtype(x.dtype())?)?,
             },
-            ProjWeight::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
+            ProjWeight::Quantized(q) => quantized_product(q, &x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -480,7 +493,7 @@ impl Qwen2 {
         let (b, _) = xs.dims2()?;
         let weight = match &self.lm_head {
             Head::Dense(w) => w,
-            Head::Quantized(q) => return Ok(q.forward(&xs.to_dtype(DType::F32)?)?),
+            Head::Quantized(q) => return Ok(quantized_product(q, &xs.to_dtype(DType::F32)?)?),
         };
         if let Some(logits) = kernels::product(xs, weight, Form::Rows)? {
             return Ok(logits);
