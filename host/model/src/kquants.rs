@@ -235,7 +235,7 @@ pub fn product(x: &Tensor, w: &QTensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     let (n, wk) = w.shape().dims2()?;
-    if wk != k || k % QK != 0 {
+    if wk != k || !k.is_multiple_of(QK) {
         return Ok(None);
     }
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -335,7 +335,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4k_dots<const R: usize>(w: &[u8], ys: [&[Q8K]; R]) -> [f32; R] {
         let blocks = w.len() / Q4K_BYTES;
-        assert!(w.len() % Q4K_BYTES == 0 && ys.iter().all(|y| y.len() == blocks));
+        assert!(w.len().is_multiple_of(Q4K_BYTES) && ys.iter().all(|y| y.len() == blocks));
         let low = _mm256_set1_epi8(0xF);
         let mut acc = [_mm256_setzero_ps(); R];
         let mut acc_mins = [_mm_setzero_ps(); R];
@@ -379,7 +379,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q6k_dots<const R: usize>(w: &[u8], ys: [&[Q8K]; R]) -> [f32; R] {
         let blocks = w.len() / Q6K_BYTES;
-        assert!(w.len() % Q6K_BYTES == 0 && ys.iter().all(|y| y.len() == blocks));
+        assert!(w.len().is_multiple_of(Q6K_BYTES) && ys.iter().all(|y| y.len() == blocks));
         let (low, two_bits) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
         let mut acc = [_mm256_setzero_ps(); R];
         for i in 0..blocks {
