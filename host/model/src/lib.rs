@@ -10,6 +10,7 @@
 //! - [`gguf`]: reading GGUF files (llama.cpp's format).
 //! - [`export`]: writing a model directory as a GGUF file.
 //! - [`kernels`]: weight products on the CPU, f32 or half-precision weights.
+//! - [`kquants`]: weight products on the CPU with Q4_K and Q6_K blocks, for a few rows.
 //! - [`fused`]: single-query attention over a cache, read in place.
 //! - [`qwen2`]: the forward pass. Each sequence's K and V are rotated into its
 //!   frame between RoPE and the cache write; one code path serves one sequence and
