@@ -174,14 +174,8 @@ pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> 
             let cfg = model.config();
             Ok(RotationReport::new(
                 format!(
-                    "random Qwen2 with Qwen2.5-3B's whole shape: {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, intermediate {}, vocab {}, weights {}, K/V f16",
-                    cfg.num_hidden_layers,
-                    cfg.hidden_size,
-                    cfg.num_attention_heads,
-                    cfg.num_key_value_heads,
-                    cfg.head_dim,
-                    cfg.intermediate_size,
-                    cfg.vocab_size,
+                    "random Qwen2 with Qwen2.5-3B's whole shape: {}, weights {}, K/V f16",
+                    shape(cfg),
                     dir.weights_format(DType::F16, None)
                 ),
                 &Device::Cpu,
@@ -192,6 +186,20 @@ pub fn rotation(opts: &RotationBenchOptions, mut progress: impl FnMut(&str)) -> 
             ))
         }
     }
+}
+
+/// A model's shape in words, for the report.
+fn shape(cfg: &kframe_model::Config) -> String {
+    format!(
+        "{} layers, hidden {}, {} heads / {} kv heads, head_dim {}, intermediate {}, vocab {}",
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size
+    )
 }
 
 /// [`time_variants`] at each of the options' contexts, in one tenant's frame.
@@ -264,16 +272,7 @@ fn layer_slice(
         }
     }
     Ok(RotationReport::new(
-        format!(
-            "random Qwen2 with Qwen2.5-3B layer shape: {} layers, hidden {}, {} heads / {} kv heads, head_dim {}, intermediate {}, vocab {}, f32",
-            cfg.num_hidden_layers,
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            cfg.intermediate_size,
-            cfg.vocab_size
-        ),
+        format!("random Qwen2 with Qwen2.5-3B layer shape: {}, f32", shape(&cfg)),
         &device,
         opts.rounds,
         contexts,
