@@ -147,7 +147,9 @@ fn q6k_block_portable(w: &[u8], y: &Q8K) -> (f32, i32) {
 }
 
 /// The dot product of one weight row (its blocks, `format`) with one quantized
-/// activation row, in plain Rust: block terms summed in f32 in block order.
+/// activation row, in plain Rust: block terms summed in f32 in block order. The
+/// kernels' arithmetic written out, which the tests hold them to (serving uses
+/// the kernels, or candle where they do not run).
 pub fn dot_portable(format: Format, w: &[u8], y: &[Q8K]) -> f32 {
     let bytes = format.block_bytes();
     let mut sum = 0f32;
@@ -166,12 +168,13 @@ pub fn dot_portable(format: Format, w: &[u8], y: &[Q8K]) -> f32 {
     sum
 }
 
+#[cfg(test)]
 /// The same dot product in f64 over the exact block terms, and a bound on the
 /// magnitude of any partial sum a kernel may form on the way: every integer
 /// product taken in absolute value, times its block's f32 factor. A kernel that
 /// groups the integer sums into vector lanes, and scales each lane, rounds each
 /// of those lane terms; their magnitudes add up to at most this.
-pub fn dot_reference(format: Format, w: &[u8], y: &[Q8K]) -> (f64, f64) {
+fn dot_reference(format: Format, w: &[u8], y: &[Q8K]) -> (f64, f64) {
     let (mut sum, mut magnitude) = (0f64, 0f64);
     for (block, y) in w.chunks_exact(format.block_bytes()).zip(y) {
         match format {
@@ -289,18 +292,20 @@ fn has_avx2() -> bool {
 }
 
 fn dots<const R: usize>(format: Format, w: &[u8], ys: [&[Q8K]; R]) -> [f32; R] {
+    // SAFETY: `product`, the only caller, checked for AVX2, FMA and F16C; the
+    // kernels check that `w` holds one whole block per Q8_K block of each row.
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2, FMA and F16C were detected; the kernels check that `w` holds
-        // one whole block per Q8_K block of each row.
-        return unsafe {
-            match format {
-                Format::Q4K => x86::q4k_dots(w, ys),
-                Format::Q6K => x86::q6k_dots(w, ys),
-            }
-        };
+    unsafe {
+        match format {
+            Format::Q4K => x86::q4k_dots(w, ys),
+            Format::Q6K => x86::q6k_dots(w, ys),
+        }
     }
-    ys.map(|y| dot_portable(format, w, y))
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (format, w, ys);
+        unreachable!("no K-quant kernel on this CPU: `product` leaves these products to candle")
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
