@@ -44,8 +44,11 @@ impl Server {
         if let Some(model) = model {
             cmd.args(["--model", model.to_str().unwrap()]);
         }
+        // A fixed address (a replica behind a router) replaces the kernel's pick.
+        if !extra.contains(&"--addr") {
+            cmd.args(["--addr", "127.0.0.1:0"]);
+        }
         let mut child = cmd
-            .args(["--addr", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::piped())
             .spawn()
@@ -59,7 +62,8 @@ impl Server {
             .and_then(|r| r.split_whitespace().next())
             .unwrap_or_else(|| panic!("no address in {line:?}"))
             .to_owned();
-        let admin = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_owned();
+        let secrets = extra.iter().position(|a| *a == "--secrets-dir").map_or(data, |i| Path::new(extra[i + 1]));
+        let admin = std::fs::read_to_string(secrets.join("admin.token")).unwrap().trim().to_owned();
         Self { child, addr, admin, _stdout: stdout }
     }
 
@@ -71,23 +75,11 @@ impl Server {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Resp {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
-        if let Some(t) = token {
-            head += &format!("Authorization: Bearer {t}\r\n");
-        }
-        for (k, v) in headers {
-            head += &format!("{k}: {v}\r\n");
-        }
-        head += &format!("Content-Length: {}\r\n\r\n", body.len());
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        read_response(&mut s)
+        request_to(&self.addr, method, path, token, headers, body)
     }
 
     pub fn post(&self, path: &str, token: &str, body: &Value) -> Resp {
-        self.request("POST", path, Some(token), &[("Content-Type", "application/json")], body.to_string().as_bytes())
+        post_to(&self.addr, path, token, body)
     }
 
     /// Creates a tenant; returns its api key.
@@ -115,6 +107,27 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One HTTP/1.1 request to `addr` (a replica, or a router in front of some).
+pub fn request_to(addr: &str, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        head += &format!("Authorization: Bearer {t}\r\n");
+    }
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += &format!("Content-Length: {}\r\n\r\n", body.len());
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    read_response(&mut s)
+}
+
+pub fn post_to(addr: &str, path: &str, token: &str, body: &Value) -> Resp {
+    request_to(addr, "POST", path, Some(token), &[("Content-Type", "application/json")], body.to_string().as_bytes())
 }
 
 pub struct Resp {

@@ -64,6 +64,8 @@ pub struct Engine {
     tx: mpsc::UnboundedSender<Command>,
     metrics: Arc<Metrics>,
     policies: Arc<PolicySet>,
+    /// The configuration it started with, for what the server reports of it.
+    config: Arc<EngineConfig>,
     inner: Arc<Worker>,
 }
 
@@ -87,13 +89,19 @@ impl Engine {
     pub fn start(generator: ModelBundle, master: MasterSecret, policies: Arc<PolicySet>, config: EngineConfig) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = Arc::new(Metrics::default());
+        let reported = Arc::new(config.clone());
         let state = state::State::new(generator, master, policies.clone(), config, metrics.clone());
         let thread = std::thread::Builder::new()
             .name("kframe-engine".into())
             .spawn(move || worker::run(state, rx))
             .expect("spawning the engine thread");
         let inner = Arc::new(Worker { tx: tx.clone(), thread: std::sync::Mutex::new(Some(thread)) });
-        Self { tx, metrics, policies, inner }
+        Self { tx, metrics, policies, config: reported, inner }
+    }
+
+    /// The configuration the engine started with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
     }
 
     /// Queues a request; its events arrive on the returned stream.

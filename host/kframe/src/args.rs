@@ -237,6 +237,29 @@ pub struct ServeArgs {
     /// least recently used sessions make room first) [default: half of --kv-budget].
     #[arg(long)]
     pub tenant_cache_bytes: Option<u64>,
+    /// The tenant registry: the embedded redb file in the data directory (the
+    /// default), or a PostgreSQL every replica shares, as
+    /// postgres://user:password@host:port/database (migrations are applied at start).
+    #[arg(long, env = "KFRAME_REGISTRY", hide_env_values = true)]
+    pub registry: Option<String>,
+    /// Where the master secret (master.key) and admin token (admin.token) are
+    /// read from, for replicas that share them (a Kubernetes Secret mounted
+    /// read-only): both must exist, and neither may be readable by others
+    /// [default: the data directory, where they are created on first start].
+    #[arg(long, env = "KFRAME_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// This replica's name, sent with every response as x-kframe-replica
+    /// [default: the host name].
+    #[arg(long, env = "KFRAME_REPLICA")]
+    pub replica_name: Option<String>,
+    /// How often a shared registry's version is polled, in milliseconds: the
+    /// bound on how late a change reaches this replica when its notification
+    /// connection is down.
+    #[arg(long, default_value_t = 1000)]
+    pub registry_poll_ms: u64,
+    /// How long a lost notification connection waits before reconnecting, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub registry_listen_retry_ms: u64,
 }
 
 fn parse_policy(s: &str) -> Result<(PolicyKind, PathBuf), String> {

@@ -1,12 +1,14 @@
 //! Everything a request handler reads: the engine, the registry, the tokenizer
-//! and chat template, the limits, the admin token's hash, the open sessions.
+//! and chat template, the limits, the admin token's hash, the open sessions,
+//! this replica's name.
 
 use crate::openai::{self, ChatTemplate};
-use crate::registry::{self, Registry};
 use kframe_core::keys::MasterSecret;
 use kframe_engine::Engine;
 use kframe_policy::PolicyKind;
+use kframe_registry::{self as registry, Registry};
 use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,17 +56,65 @@ pub enum ServerError {
     StoredPolicy { kind: PolicyKind, name: String, reason: String },
     #[error("stored prefix: {0}")]
     Prefix(String),
+    #[error("replica name `{0}`: use 1 to 128 of A-Z a-z 0-9 - _ .")]
+    Replica(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 const ADMIN_HASH_CONTEXT: &str = "kframe admin token hash v1";
+const SESSION_TAG_CONTEXT: &str = "kframe session id v1";
+
+/// This server as one replica of several: its name, and how it keeps up with
+/// changes other replicas write to a shared registry.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    /// Sent with every response (`x-kframe-replica`), so that a client or a test
+    /// sees where a router sent it. Letters, digits, `-`, `_` and `.`.
+    pub name: String,
+    /// How often the registry's version is polled: notifications sent while this
+    /// replica's listener was disconnected are lost, and the poll catches them.
+    pub poll: Duration,
+    /// How long a lost notification connection waits before reconnecting.
+    pub listen_retry: Duration,
+}
+
+impl Default for Replica {
+    fn default() -> Self {
+        Self { name: "kframe".into(), poll: Duration::from_secs(1), listen_retry: Duration::from_secs(5) }
+    }
+}
+
+impl Replica {
+    /// The host's name (a pod's name on Kubernetes), else `kframe`.
+    pub fn host_name() -> String {
+        std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| valid_replica_name(s))
+            .unwrap_or_else(|| "kframe".into())
+    }
+}
+
+pub fn valid_replica_name(name: &str) -> bool {
+    (1..=128).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// What this replica runs for a policy kind the registry names a component for.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadedPolicy {
+    pub sha256: String,
+    /// Why the registry's component did not load here (the previous policy stays).
+    pub error: Option<String>,
+}
 
 /// Everything a request handler reads. One per server.
 pub struct App {
     pub engine: Engine,
     pub registry: Registry,
+    pub replica: Replica,
     /// Shared with the blocking pool that tokenizes, off the async workers.
     pub tokenizer: Arc<Tokenizer>,
     /// The longest token of the vocabulary, in UTF-8 bytes: a text longer than this
@@ -82,6 +132,14 @@ pub struct App {
     /// Live sessions: id -> owning tenant id. A session is a handle the server
     /// issues; the engine keeps its cache (which eviction may drop at any time).
     pub(crate) sessions: Mutex<HashMap<String, u64>>,
+    /// Session ids carry a tag only this deployment's master secret makes, so
+    /// that a replica a tenant was moved to takes her session up (a cache miss).
+    pub(crate) session_key: zeroize::Zeroizing<[u8; 32]>,
+    /// Sessions ended here, refused if they come back.
+    pub(crate) ended_sessions: Mutex<lru::LruCache<String, ()>>,
+    /// Components loaded from the registry, by kind.
+    pub(crate) loaded_policies: Mutex<HashMap<PolicyKind, LoadedPolicy>>,
+    pub(crate) cluster: crate::sync::Counters,
     /// Re-keying takes this for writing, submitting for reading, so that no
     /// request reaches the engine in an epoch its sessions have already left.
     pub(crate) rekey: tokio::sync::RwLock<()>,
@@ -103,19 +161,23 @@ pub struct Served {
 
 impl App {
     /// A server over `engine` (which it shares; an embedder may keep a handle),
-    /// for the model `served` describes, keeping its registry and admin token in
-    /// `data_dir`.
+    /// for the model `served` describes, with its tenants in `registry` and its
+    /// admin token in `secrets_dir` (created there on first start if missing).
     pub fn new(
         engine: Engine,
         served: Served,
         master: &MasterSecret,
-        data_dir: &Path,
+        secrets_dir: &Path,
+        registry: Registry,
+        replica: Replica,
         limits: Limits,
     ) -> Result<Self, ServerError> {
-        let registry = Registry::open(data_dir, master)?;
+        if !valid_replica_name(&replica.name) {
+            return Err(ServerError::Replica(replica.name));
+        }
         let template = ChatTemplate::new(served.chat_template.as_deref().unwrap_or(openai::DEFAULT_CHAT_TEMPLATE))
             .map_err(ServerError::Template)?;
-        let admin_token = load_or_create_admin_token(data_dir)?;
+        let admin_token = load_or_create_admin_token(secrets_dir)?;
         let admin_key = master.derive(ADMIN_HASH_CONTEXT);
         let admin_hash = *blake3::keyed_hash(&admin_key, admin_token.as_bytes()).as_bytes();
         let Served { model_id, tokenizer, context_window, max_prompt_tokens, .. } = served;
@@ -123,6 +185,7 @@ impl App {
         Ok(Self {
             engine,
             registry,
+            replica,
             tokenizer: Arc::new(tokenizer),
             max_token_bytes,
             max_prompt_tokens: max_prompt_tokens.min(context_window.saturating_sub(1)),
@@ -133,6 +196,10 @@ impl App {
             admin_hash,
             admin_key,
             sessions: Mutex::default(),
+            session_key: master.derive(SESSION_TAG_CONTEXT),
+            ended_sessions: Mutex::new(lru::LruCache::new(NonZeroUsize::new(1 << 16).expect("non-zero"))),
+            loaded_policies: Mutex::default(),
+            cluster: Default::default(),
             rekey: tokio::sync::RwLock::new(()),
             draining: AtomicBool::new(false),
             responses: Mutex::default(),
@@ -145,22 +212,48 @@ impl App {
     /// `drop_unloadable` says to serve without it: then it is reported, removed
     /// from the registry, and the native policy decides.
     pub async fn restore(&self, drop_unloadable: bool) -> Result<(), ServerError> {
-        for (kind, p) in self.registry.policies()? {
-            if let Err(e) = self.engine.policies().swap(kind, &p.name, &p.wasm, &p.config) {
-                if !drop_unloadable {
+        for (world, p) in self.registry.policies() {
+            let Some(kind) = PolicyKind::ALL.into_iter().find(|k| k.world() == world) else {
+                tracing::error!(kind = world, "the registry names a policy kind this kframe does not know");
+                continue;
+            };
+            match self.engine.policies().swap(kind, &p.name, &p.wasm, &p.config) {
+                Ok(()) => {
+                    let loaded = LoadedPolicy { sha256: p.sha256(), error: None };
+                    self.loaded_policies.lock().expect("policy lock").insert(kind, loaded);
+                }
+                Err(e) if !drop_unloadable => {
                     return Err(ServerError::StoredPolicy { kind, name: p.name, reason: e.failure.to_string() });
                 }
-                tracing::error!(%kind, plugin = p.name, "stored policy component no longer loads, dropped: {e}");
-                self.registry.set_policy(kind, None)?;
+                Err(e) => {
+                    tracing::error!(%kind, plugin = p.name, "stored policy component no longer loads, dropped: {e}");
+                    let _exclusive = self.rekey.write().await;
+                    let synced = self.registry.set_policy(kind.world(), None).await?;
+                    self.apply(synced.changes).await;
+                }
             }
         }
-        for text in self.registry.prefixes()? {
-            let tokens = self.tokenizer.encode(text.as_str(), false).map_err(|e| ServerError::Prefix(e.to_string()))?;
-            if let Err(e) = self.engine.register_prefix(tokens.get_ids().to_vec()).await {
-                tracing::error!("stored prefix could not be registered: {e}");
-            }
+        for text in self.registry.prefixes() {
+            self.register_stored_prefix(&text).await?;
         }
         Ok(())
+    }
+
+    pub(crate) async fn register_stored_prefix(&self, text: &str) -> Result<(), ServerError> {
+        let tokens = self.tokenizer.encode(text, false).map_err(|e| ServerError::Prefix(e.to_string()))?;
+        if let Err(e) = self.engine.register_prefix(tokens.get_ids().to_vec()).await {
+            tracing::error!("stored prefix could not be registered: {e}");
+        }
+        Ok(())
+    }
+
+    /// The 16 hex digits that end a session id issued to `tenant`: a keyed hash of
+    /// the tenant and the id's random part, so that any replica of this deployment
+    /// recognises the session as that tenant's and no tenant can forge one.
+    pub(crate) fn session_tag(&self, tenant: u64, random: &str) -> String {
+        let mut hasher = blake3::Hasher::new_keyed(&self.session_key);
+        hasher.update(&tenant.to_le_bytes()).update(random.as_bytes());
+        registry::hex(&hasher.finalize().as_bytes()[..8])
     }
 
     pub(crate) fn is_admin(&self, token: &str) -> bool {

@@ -5,23 +5,28 @@ use crate::app::App;
 use crate::completion::{self, JsonSink, SseSink};
 use crate::http::{bearer, engine_error, json_response, parse_json, read_body, text_response, ApiError, Body};
 use crate::openai::{ChatRequest, CompletionRequest, Endpoint, Prompt, Reply, Sampling};
-use crate::registry::{PolicyRecord, RegistryError, TenantRecord};
+use crate::sync::frame;
 use bytes::Bytes;
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::{header, Method, Request, Response, StatusCode};
 use kframe_engine::{EngineError, Event, Submit};
 use kframe_model::generate::SamplingParams;
 use kframe_policy::PolicyKind;
+use kframe_registry::{PolicyRecord, RegistryError, TenantRecord};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let resp = match route(&app, req).await {
+    let mut resp = match route(&app, req).await {
         Ok(resp) => resp,
         Err(e) => e.response(),
     };
     app.count_response(resp.status().as_u16());
+    if let Ok(name) = HeaderValue::from_str(&app.replica.name) {
+        resp.headers_mut().insert("x-kframe-replica", name);
+    }
     resp
 }
 
@@ -62,7 +67,7 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             Ok(policies(app))
         }
         (Method::PUT, ["admin", "policies", kind]) => put_policy(app, req, kind).await,
-        (Method::DELETE, ["admin", "policies", kind]) => clear_policy(app, &req, kind),
+        (Method::DELETE, ["admin", "policies", kind]) => clear_policy(app, &req, kind).await,
         (Method::POST, ["admin", "prefixes"]) => register_prefix(app, req).await,
         (Method::GET, ["admin", "isolation-events"]) => isolation_events(app, &req),
         (_, ["health" | "metrics"] | ["v1", "models" | "completions" | "sessions"] | ["v1", "chat", "completions"])
@@ -102,6 +107,7 @@ enum Scope {
 fn metrics(app: &App, scope: Scope) -> Response<Body> {
     use std::fmt::Write;
     let engine = app.engine.metrics();
+    let engine_now = engine.clone();
     let by_tenant: Vec<(String, f64)> =
         engine.cache_bytes_by_tenant.iter().map(|(t, b)| (format!("{{tenant=\"{t}\"}}"), *b as f64)).collect();
     let snapshot = serde_json::to_value(engine).expect("metrics serialize");
@@ -152,7 +158,61 @@ fn metrics(app: &App, scope: Scope) -> Response<Body> {
             metric(&format!("engine_{name}"), "gauge", "Engine gauge.", &[(String::new(), v)]);
         }
     }
+    if scope == Scope::Admin {
+        registry_metrics(app, &mut out);
+    }
+    gateway_metrics(app, &engine_now, &mut out);
     text_response(StatusCode::OK, "text/plain; version=0.0.4", out)
+}
+
+/// The gauges an inference gateway's endpoint picker (the Kubernetes Gateway API
+/// Inference Extension, vLLM's production-stack router) reads from each model
+/// server, under vLLM's names: queue depth, running requests, cache use (0-1)
+/// and the cache's configuration.
+fn gateway_metrics(app: &App, engine: &kframe_engine::MetricsSnapshot, out: &mut String) {
+    use std::fmt::Write;
+    let config = app.engine.config();
+    let usage = if config.kv_budget == 0 { 0.0 } else { (engine.cache_bytes as f64 / config.kv_budget as f64).clamp(0.0, 1.0) };
+    let model = &app.model_id;
+    let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{model}\"}} {value}");
+    };
+    gauge(out, "vllm:num_requests_waiting", "Requests queued, not yet admitted.", engine.queued as f64);
+    gauge(out, "vllm:num_requests_running", "Requests admitted and running.", engine.sequences as f64);
+    gauge(out, "vllm:kv_cache_usage_perc", "Share of the K/V cache budget in use, 0 to 1.", usage);
+    let precision = match config.precision {
+        kframe_core::layout::KvPrecision::Native => "native",
+        kframe_core::layout::KvPrecision::Exact => "f64",
+    };
+    let _ = writeln!(
+        out,
+        "# HELP vllm:cache_config_info The K/V cache's configuration, in labels.\n# TYPE vllm:cache_config_info gauge\n\
+         vllm:cache_config_info{{block_size=\"{}\",cache_dtype=\"{precision}\",kv_budget_bytes=\"{}\",enable_prefix_caching=\"true\"}} 1",
+        kframe_core::integrity::BLOCK,
+        config.kv_budget,
+    );
+}
+
+/// How this replica keeps up with the registry: its version, syncs by trigger,
+/// failures, and whether the notification connection is up.
+fn registry_metrics(app: &App, out: &mut String) {
+    use std::fmt::Write;
+    let c = &app.cluster;
+    let _ = writeln!(out, "# HELP kframe_registry_version The registry version this replica has applied.\n# TYPE kframe_registry_version gauge\nkframe_registry_version {}", app.registry.version());
+    let _ = writeln!(out, "# HELP kframe_registry_syncs_total Syncs that applied registry changes, by what started them.\n# TYPE kframe_registry_syncs_total counter");
+    for (trigger, n) in c.syncs.lock().expect("sync counter lock").iter() {
+        let _ = writeln!(out, "kframe_registry_syncs_total{{trigger=\"{trigger}\"}} {n}");
+    }
+    let failures = c.sync_failures.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = writeln!(out, "# HELP kframe_registry_sync_failures_total Polls and syncs that could not reach the registry.\n# TYPE kframe_registry_sync_failures_total counter\nkframe_registry_sync_failures_total {failures}");
+    let policy_failures = c.policy_load_failures.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = writeln!(out, "# HELP kframe_registry_policy_load_failures_total Registry policy components that did not load here.\n# TYPE kframe_registry_policy_load_failures_total counter\nkframe_registry_policy_load_failures_total {policy_failures}");
+    if let Some(listening) = c.listening.get() {
+        let connected = listening.connected.load(std::sync::atomic::Ordering::SeqCst);
+        let connects = listening.connects.load(std::sync::atomic::Ordering::SeqCst);
+        let _ = writeln!(out, "# HELP kframe_registry_listener_connected Whether the registry's notification connection is up.\n# TYPE kframe_registry_listener_connected gauge\nkframe_registry_listener_connected {}", u8::from(connected));
+        let _ = writeln!(out, "# HELP kframe_registry_listener_connects_total Times the notification connection was established.\n# TYPE kframe_registry_listener_connects_total counter\nkframe_registry_listener_connects_total {connects}");
+    }
 }
 
 fn models(app: &App) -> Response<Body> {
@@ -186,12 +246,13 @@ fn registry_error(e: RegistryError) -> ApiError {
         RegistryError::Exists(_) => ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string()),
         RegistryError::NotFound(_) => ApiError::not_found(e.to_string()),
         RegistryError::InvalidName(_) => ApiError::bad_request(e.to_string()),
-        RegistryError::Storage { .. } => ApiError::internal(e.to_string()),
+        RegistryError::Unavailable { .. } => ApiError::unavailable(e.to_string()),
+        RegistryError::Storage { .. } | RegistryError::Config(_) => ApiError::internal(e.to_string()),
     }
 }
 
 fn random_id(prefix: &str) -> String {
-    crate::registry::random_token(prefix)[..prefix.len() + 24].to_owned()
+    kframe_registry::random_token(prefix)[..prefix.len() + 24].to_owned()
 }
 
 fn now_unix() -> u64 {
@@ -204,25 +265,47 @@ fn new_session(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, Api
     let t = tenant(app, req)?;
     let mut sessions = app.sessions.lock().expect("session lock");
     if sessions.values().filter(|&&owner| owner == t.id).count() >= app.limits.max_sessions_per_tenant {
-        let msg = format!("at most {} open sessions per tenant; delete one first", app.limits.max_sessions_per_tenant);
-        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "invalid_request_error", msg));
+        return Err(too_many_sessions(app));
     }
-    let id = random_id("sess-");
+    let random = random_id("sess-");
+    let id = format!("{random}{}", app.session_tag(t.id, &random));
     sessions.insert(id.clone(), t.id);
     Ok(json_response(StatusCode::CREATED, &json!({"id": id, "object": "session"})))
+}
+
+fn too_many_sessions(app: &App) -> ApiError {
+    let msg = format!("at most {} open sessions per tenant; delete one first", app.limits.max_sessions_per_tenant);
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "invalid_request_error", msg)
+}
+
+/// Whether `id` is a session of `tenant` this replica may serve: one it holds,
+/// or one another replica issued to the same tenant (it carries their tag),
+/// which is taken up here as a cache miss. A session ended here stays ended.
+fn own_session(app: &App, tenant: u64, id: &str) -> Result<(), ApiError> {
+    let mut sessions = app.sessions.lock().expect("session lock");
+    match sessions.get(id) {
+        Some(&owner) if owner == tenant => return Ok(()),
+        Some(_) => return Err(unknown_session(id)),
+        None => {}
+    }
+    let issued = id.len() == "sess-".len() + 40 && app.session_tag(tenant, &id[..id.len() - 16]) == id[id.len() - 16..];
+    if !issued || app.ended_sessions.lock().expect("session lock").contains(id) {
+        return Err(unknown_session(id));
+    }
+    if sessions.values().filter(|&&owner| owner == tenant).count() >= app.limits.max_sessions_per_tenant {
+        return Err(too_many_sessions(app));
+    }
+    sessions.insert(id.to_owned(), tenant);
+    Ok(())
 }
 
 /// Ends a session: the id stops working, and the engine zeroes and frees its cache
 /// at once (or when the request using it ends).
 async fn end_session(app: &App, req: &Request<Incoming>, id: &str) -> Result<Response<Body>, ApiError> {
     let t = tenant(app, req)?;
-    {
-        let mut sessions = app.sessions.lock().expect("session lock");
-        match sessions.get(id) {
-            Some(&owner) if owner == t.id => sessions.remove(id),
-            _ => return Err(unknown_session(id)),
-        };
-    }
+    own_session(app, t.id, id)?;
+    app.sessions.lock().expect("session lock").remove(id);
+    app.ended_sessions.lock().expect("session lock").put(id.to_owned(), ());
     app.engine.end_session(t.id, id.to_owned()).await.map_err(engine_error)?;
     Ok(json_response(StatusCode::OK, &json!({"id": id, "deleted": true})))
 }
@@ -338,10 +421,7 @@ async fn generate(app: &Arc<App>, req: Request<Incoming>, endpoint: Endpoint) ->
         job.session = header_session;
     }
     if let Some(id) = &job.session {
-        let owner = app.sessions.lock().expect("session lock").get(id).copied();
-        if owner != Some(record.id) {
-            return Err(unknown_session(id));
-        }
+        own_session(app, record.id, id)?;
     }
     let mut events = {
         let _epoch = app.rekey.read().await;
@@ -350,7 +430,7 @@ async fn generate(app: &Arc<App>, req: Request<Incoming>, endpoint: Endpoint) ->
         // is gone for good, even if the name was created again).
         let record = app.registry.get_by_id(record.id).ok_or_else(ApiError::unauthorized)?;
         app.engine.submit(Submit {
-            tenant: record.tenant(),
+            tenant: frame(&record),
             session: job.session.clone(),
             prompt: job.prompt.clone(),
             params: job.params,
@@ -402,7 +482,7 @@ async fn create_tenant(app: &Arc<App>, req: Request<Incoming>) -> Result<Respons
     admin(app, &req)?;
     let body = read_body(req, app.limits.max_body_bytes, app.limits.body_timeout).await?;
     let new: NewTenant = parse_json(&body)?;
-    let (record, key) = app.registry.create(&new.name, new.tier).map_err(registry_error)?;
+    let ((record, key), _) = app.write(app.registry.create(&new.name, new.tier)).await.map_err(registry_error)?;
     let mut v = public(&record);
     v["api_key"] = json!(key.as_str());
     Ok(json_response(StatusCode::CREATED, &v))
@@ -410,22 +490,21 @@ async fn create_tenant(app: &Arc<App>, req: Request<Incoming>) -> Result<Respons
 
 /// Key-drop delete: the api key stops working at once (the registry forgets it
 /// before the engine is told), then every cache block of the tenant is zeroed
-/// and freed and its rotations forgotten.
+/// and freed and its rotations forgotten. Other replicas do the same when the
+/// registry tells them.
 async fn delete_tenant(app: &Arc<App>, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, ApiError> {
     admin(app, req)?;
-    let record = app.registry.delete(name).map_err(registry_error)?;
-    app.sessions.lock().expect("session lock").retain(|_, owner| *owner != record.id);
-    let removed = app.engine.drop_tenant(record.tenant()).await.map_err(engine_error)?;
+    let (record, applied) = app.write(app.registry.delete(name)).await.map_err(registry_error)?;
+    let removed = applied.removed.get(&record.id).copied().unwrap_or(0);
     Ok(json_response(StatusCode::OK, &json!({"name": name, "deleted": true, "sessions_removed": removed})))
 }
 
 /// Moves the tenant to its next key epoch; its cached sessions are re-rotated in
-/// place and keep working.
+/// place and keep working, here and on every replica the registry tells.
 async fn rekey(app: &Arc<App>, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, ApiError> {
     admin(app, req)?;
-    let _exclusive = app.rekey.write().await;
-    let (before, after) = app.registry.bump_epoch(name).map_err(registry_error)?;
-    let rekeyed = app.engine.rekey(before.tenant(), after.epoch).await.map_err(engine_error)?;
+    let (after, applied) = app.write(app.registry.bump_epoch(name)).await.map_err(registry_error)?;
+    let rekeyed = applied.rekeyed.get(&after.id).copied().unwrap_or(0);
     Ok(json_response(StatusCode::OK, &json!({"name": name, "epoch": after.epoch, "sessions_rekeyed": rekeyed})))
 }
 
@@ -436,9 +515,22 @@ fn policy_kind(kind: &str) -> Result<PolicyKind, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no policy kind `{kind}`: use admission, eviction or depth-gate")))
 }
 
+/// Each kind's component, its calls and failures; for a component from the
+/// registry its sha256, and why it did not load here if it did not.
 fn policies(app: &App) -> Response<Body> {
     let stats = app.engine.policies().stats();
-    let entry = |kind: PolicyKind, s: &kframe_policy::set::WorldStats| json!({"kind": kind.world().trim_end_matches("-policy"), "component": s.plugin, "calls": s.calls, "failures": s.failures});
+    let loaded = app.loaded_policies.lock().expect("policy lock").clone();
+    let entry = |kind: PolicyKind, s: &kframe_policy::set::WorldStats| {
+        let stored = loaded.get(&kind);
+        json!({
+            "kind": kind.world().trim_end_matches("-policy"),
+            "component": s.plugin,
+            "calls": s.calls,
+            "failures": s.failures,
+            "sha256": stored.map(|l| &l.sha256),
+            "load_error": stored.and_then(|l| l.error.as_ref()),
+        })
+    };
     json_response(
         StatusCode::OK,
         &json!({"policies": [
@@ -467,15 +559,18 @@ async fn put_policy(app: &Arc<App>, req: Request<Incoming>, kind: &str) -> Resul
         .map_err(|e| ApiError::internal(format!("loading the component: {e}")))?
         .map_err(|e| ApiError::bad_request(format!("component refused: {e}")).with_code("invalid_component"))?;
     let record = PolicyRecord { name: name.clone(), config, wasm: wasm.to_vec() };
-    app.registry.set_policy(kind, Some(&record)).map_err(registry_error)?;
+    let loaded = crate::app::LoadedPolicy { sha256: record.sha256(), error: None };
+    app.loaded_policies.lock().expect("policy lock").insert(kind, loaded);
+    app.write(app.registry.set_policy(kind.world(), Some(&record))).await.map_err(registry_error)?;
     Ok(json_response(StatusCode::OK, &json!({"kind": kind.world().trim_end_matches("-policy"), "component": name})))
 }
 
-fn clear_policy(app: &App, req: &Request<Incoming>, kind: &str) -> Result<Response<Body>, ApiError> {
+async fn clear_policy(app: &App, req: &Request<Incoming>, kind: &str) -> Result<Response<Body>, ApiError> {
     admin(app, req)?;
     let kind = policy_kind(kind)?;
     app.engine.policies().clear(kind);
-    app.registry.set_policy(kind, None).map_err(registry_error)?;
+    app.loaded_policies.lock().expect("policy lock").remove(&kind);
+    app.write(app.registry.set_policy(kind.world(), None)).await.map_err(registry_error)?;
     Ok(json_response(StatusCode::OK, &json!({"kind": kind.world().trim_end_matches("-policy"), "component": null})))
 }
 
@@ -491,7 +586,7 @@ async fn register_prefix(app: &Arc<App>, req: Request<Incoming>) -> Result<Respo
     let new: NewPrefix = parse_json(&body)?;
     let tokens = encode(app, new.text.clone()).await?;
     let info = app.engine.register_prefix(tokens).await.map_err(engine_error)?;
-    app.registry.add_prefix(&new.text).map_err(registry_error)?;
+    app.write(app.registry.add_prefix(&new.text)).await.map_err(registry_error)?;
     Ok(json_response(StatusCode::CREATED, &json!(info)))
 }
 

@@ -5,7 +5,7 @@
 use kframe_core::keys::MasterSecret;
 use kframe_engine::{Engine, EngineConfig};
 use kframe_policy::{Limits, PluginRuntime, PolicyKind, PolicySet};
-use kframe_server::registry::{PolicyRecord, Registry};
+use kframe_registry::{PolicyRecord, Registry};
 use kframe_server::{App, Served, ServerError};
 use kframe_testkit::TinyModel;
 use std::path::Path;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 const MASTER: [u8; 32] = [3; 32];
 
-fn app(model: &TinyModel, data: &Path) -> App {
+async fn app(model: &TinyModel, data: &Path) -> App {
     let bundle = model.bundle();
     let served = Served {
         model_id: "tiny".into(),
@@ -24,21 +24,23 @@ fn app(model: &TinyModel, data: &Path) -> App {
     };
     let policies = Arc::new(PolicySet::new(PluginRuntime::new(Limits::default(), None).unwrap()));
     let engine = Engine::start(bundle, MasterSecret::from_bytes(MASTER), policies, EngineConfig::default());
-    App::new(engine, served, &MasterSecret::from_bytes(MASTER), data, Default::default()).unwrap()
+    let master = MasterSecret::from_bytes(MASTER);
+    let registry = Registry::open_embedded(data, &master).await.unwrap();
+    App::new(engine, served, &master, data, registry, Default::default(), Default::default()).unwrap()
 }
 
 #[tokio::test]
 async fn a_stored_component_that_no_longer_loads_stops_the_start_by_name_unless_dropped() {
     let (model, data) = (TinyModel::new(5), tempfile::tempdir().unwrap());
     {
-        let registry = Registry::open(data.path(), &MasterSecret::from_bytes(MASTER)).unwrap();
+        let registry = Registry::open_embedded(data.path(), &MasterSecret::from_bytes(MASTER)).await.unwrap();
         let fixture = "../policy/tests/fixtures/other-version/target/wasm32-wasip2/release/kframe_other_version.wasm";
         let wasm = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(fixture))
             .expect("built by scripts/build-plugins.sh");
         let record = PolicyRecord { name: "old-lru".into(), config: String::new(), wasm };
-        registry.set_policy(PolicyKind::Eviction, Some(&record)).unwrap();
+        registry.set_policy(PolicyKind::Eviction.world(), Some(&record)).await.unwrap();
     }
-    let server = app(&model, data.path());
+    let server = app(&model, data.path()).await;
     let err = server.restore(false).await.unwrap_err();
     assert!(
         matches!(&err, ServerError::StoredPolicy { kind: PolicyKind::Eviction, name, .. } if name == "old-lru"),
@@ -49,8 +51,8 @@ async fn a_stored_component_that_no_longer_loads_stops_the_start_by_name_unless_
         text.contains("old-lru") && text.contains("0.1.0") && text.contains("--drop-unloadable-policies"),
         "{text}"
     );
-    assert_eq!(server.registry.policies().unwrap().len(), 1, "refusing to start keeps the record");
+    assert_eq!(server.registry.policies().len(), 1, "refusing to start keeps the record");
     server.restore(true).await.unwrap();
-    assert!(server.registry.policies().unwrap().is_empty(), "dropped, and said so in the log");
+    assert!(server.registry.policies().is_empty(), "dropped, and said so in the log");
     assert_eq!(server.engine.policies().stats().eviction.plugin, None, "the native policy decides");
 }

@@ -6,6 +6,7 @@
 //!   real Hugging Face directory and loaded from it.
 //! - [`sealed`]: sealed, verified caches on that model, and pairs of them with
 //!   bytes changed behind the seals (kframe-core's `tamper` hooks).
+//! - [`postgres`]: a throwaway PostgreSQL server for the shared registry's tests.
 //! - The functions at the top level: differences, scales and greedy margins of
 //!   logits, measured against the rounding bounds of `kframe_model::rounding`.
 //!
@@ -18,6 +19,7 @@ use kframe_model::load::ModelDir;
 use kframe_model::{Config, ModelBundle, Qwen2};
 use tempfile::TempDir;
 
+pub mod postgres;
 pub mod sealed;
 
 /// A random-weight Qwen2 written as a real model directory (config.json,

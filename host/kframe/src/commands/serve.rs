@@ -6,14 +6,16 @@ use kframe_core::keys::{self, MasterSecret};
 use kframe_core::layout::Padding;
 use kframe_engine::{Engine, EngineConfig, TenantLimits};
 use kframe_policy::{Limits, PluginRuntime, PolicySet};
-use kframe_server::{self as server, App, Served};
+use kframe_registry::Registry;
+use kframe_server::{self as server, App, Replica, Served};
 use std::io::Write;
 use std::sync::Arc;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (dir, bundle) = load(&args.model)?;
     let data_dir = args.data_dir.clone().unwrap_or_else(keys::default_data_dir);
-    let master = MasterSecret::load_or_create(&data_dir)?;
+    let secrets_dir = secrets_dir(&args, &data_dir)?;
+    let master = MasterSecret::load_or_create(&secrets_dir)?;
     let runtime = PluginRuntime::new(Limits::default(), None)?;
     let policies = Arc::new(PolicySet::new(runtime));
     for (kind, file) in &args.policies {
@@ -53,19 +55,32 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     // The engine keeps one copy of the master secret (tenant frames, block tags),
     // the server another (api key and admin token hashes).
+    let replica = Replica {
+        name: args.replica_name.clone().unwrap_or_else(Replica::host_name),
+        poll: std::time::Duration::from_millis(args.registry_poll_ms.max(10)),
+        listen_retry: std::time::Duration::from_millis(args.registry_listen_retry_ms),
+    };
     let engine = Engine::start(bundle, master, policies, engine);
-    let app = App::new(engine, served, &MasterSecret::load_or_create(&data_dir)?, &data_dir, limits)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
-        let app = Arc::new(app);
+        let master = MasterSecret::load_or_create(&secrets_dir)?;
+        let registry = match &args.registry {
+            None => Registry::open_embedded(&data_dir, &master).await?,
+            Some(url) => Registry::open_url(url, &replica.name, &master).await?,
+        };
+        let app = Arc::new(App::new(engine, served, &master, &secrets_dir, registry, replica, limits)?);
+        drop(master);
         app.restore(args.drop_unloadable_policies).await?;
+        app.follow_registry();
         let listener = tokio::net::TcpListener::bind(args.addr).await?;
         let addr = listener.local_addr()?;
         let banner = format!(
-            "kframe listening on http://{addr} (model {}, {} tenants)\nadmin token: {}\n",
+            "kframe listening on http://{addr} (model {}, {} tenants, registry {}, replica {})\nadmin token: {}\n",
             app.model_id,
             app.registry.len(),
-            data_dir.join(server::ADMIN_TOKEN_FILE).display()
+            app.registry.describe(),
+            app.replica.name,
+            secrets_dir.join(server::ADMIN_TOKEN_FILE).display()
         );
         // One write, and its failure is not fatal: a supervisor that reads the
         // first line and closes the pipe must not take the server down with it
@@ -78,6 +93,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         server::serve(app, listener, shutdown_signal()).await;
         anyhow::Ok(())
     })
+}
+
+/// Where the master secret and admin token are: `--secrets-dir`, where both must
+/// already be (replicas share them, so none may make its own), or the data
+/// directory, where a first start creates them.
+fn secrets_dir(args: &ServeArgs, data_dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let Some(dir) = &args.secrets_dir else {
+        return Ok(data_dir.to_owned());
+    };
+    for file in [keys::MASTER_SECRET_FILE, server::ADMIN_TOKEN_FILE] {
+        let path = dir.join(file);
+        if !path.is_file() {
+            anyhow::bail!(
+                "secrets directory {}: no {file}; replicas share one master secret and admin token, made once (see the README's \"Beyond one machine\")",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir.clone())
 }
 
 /// SIGTERM or Ctrl-C.
