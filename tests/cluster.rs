@@ -487,3 +487,70 @@ fn postgres_stopped_and_restarted_known_tenants_keep_working_and_writes_get_a_cl
     let v: Value = post_to(&addrs[2], "/admin/tenants/alice/rekey", &admin, &json!({})).json();
     assert_eq!(v["epoch"], 1);
 }
+
+/// The Python of the environment scripts/test.sh sets up, and a tool beside it.
+fn pyenv_tool(name: &str) -> PathBuf {
+    let python = std::env::var_os("KFRAME_TEST_PYTHON").expect("KFRAME_TEST_PYTHON (scripts/test.sh sets it)");
+    Path::new(&python).with_file_name(name)
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// Checks the InferencePool of a kustomize build against the CRD's schema, and
+/// that it selects the replicas' pods on their port.
+const CHECK_POOL: &str = r#"
+import sys, yaml, jsonschema
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+crd = [d for d in yaml.safe_load_all(open(sys.argv[2])) if d][0]
+schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+pools = [d for d in docs if d["kind"] == "InferencePool"]
+assert len(pools) == 1, pools
+pool = pools[0]
+jsonschema.validate(pool, schema)
+deploy = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "kframe")
+labels = deploy["spec"]["template"]["metadata"]["labels"]
+assert all(labels.get(k) == v for k, v in pool["spec"]["selector"]["matchLabels"].items()), (labels, pool)
+ports = [p["containerPort"] for c in deploy["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])]
+assert all(t["number"] in ports for t in pool["spec"]["targetPorts"]), (ports, pool)
+bad = dict(pool, spec=dict(pool["spec"], targetPorts=[]))
+try:
+    jsonschema.validate(bad, schema)
+    sys.exit("a pool without target ports passed the schema")
+except jsonschema.ValidationError:
+    pass
+print("inferencepool ok")
+"#;
+
+#[test]
+fn the_kubernetes_manifests_build_with_kustomize_and_validate_offline() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cluster/kubernetes");
+    let tmp = tempfile::tempdir().unwrap();
+    let built = tmp.path().join("built.yaml");
+    let yaml = run_ok(Command::new(pyenv_tool("kubectl")).arg("kustomize").arg(&dir));
+    std::fs::write(&built, &yaml).unwrap();
+    for kind in ["Deployment", "Service", "StatefulSet", "ConfigMap", "InferencePool", "Namespace"] {
+        assert!(yaml.contains(&format!("kind: {kind}\n")), "{kind} missing from the build");
+    }
+    let report = run_ok(Command::new(pyenv_tool("kubernetes-validate")).arg("--strict").arg(&built));
+    for resource in ["deployment/kframe ", "deployment/kframe-router", "statefulset/kframe-postgres", "service/kframe-replicas"] {
+        assert!(report.contains(&format!("passed for resource {resource}")), "{resource}:\n{report}");
+    }
+    assert!(!report.contains("failed"), "{report}");
+    let out = run_ok(Command::new(pyenv_tool("python")).arg("-c").arg(CHECK_POOL).arg(&built).arg(dir.join("crd/inferencepools.yaml")));
+    assert!(out.contains("inferencepool ok"), "{out}");
+    // Both HAProxy configurations parse.
+    run_ok(Command::new(haproxy()).arg("-c").arg("-f").arg(dir.join("haproxy.cfg")));
+    let shipped = dir.join("../haproxy.cfg");
+    run_ok(
+        Command::new(haproxy())
+            .args(["-c", "-f"])
+            .arg(shipped)
+            .env("KFRAME_LISTEN", "127.0.0.1:1")
+            .envs(NAMES.iter().map(|n| (format!("KFRAME_REPLICA_{}", n.to_uppercase()), "127.0.0.1:2"))),
+    );
+}
