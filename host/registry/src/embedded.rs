@@ -6,8 +6,7 @@
 //! the data it keeps a log, version -> what that version changed, so that
 //! [`Store::changes`] reads only what is new.
 
-use crate::store::{Delta, NewTenant, PolicyRecord, Store, TenantRecord};
-use crate::{hex, RegistryError};
+use crate::store::{hex, Delta, NewTenant, PolicyRecord, RegistryError, Store, TenantRecord};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -274,45 +273,14 @@ impl Store for EmbeddedStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::Registry;
-    use kframe_core::keys::MasterSecret;
-
-    /// Writes `record` as an older kframe did: no key id, and the hash of a whole
-    /// `kf-` key.
-    fn write_old(store: &EmbeddedStore, record: &TenantRecord) {
+impl EmbeddedStore {
+    /// Writes `record` as an older kframe did: without its key id.
+    pub(crate) fn put_as_written_before_key_ids(&self, record: &TenantRecord) {
         let mut json = serde_json::to_value(record).unwrap();
         json.as_object_mut().unwrap().remove("key_id");
-        let tx = store.db.begin_write().unwrap();
+        let tx = self.db.begin_write().unwrap();
         tx.open_table(TENANTS).unwrap().insert(record.name.as_str(), serde_json::to_vec(&json).unwrap().as_slice()).unwrap();
         tx.open_table(COUNTERS).unwrap().insert("next_tenant_id", record.id + 1).unwrap();
         tx.commit().unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_tenant_written_before_key_ids_and_key_ids_in_keys_keeps_its_frames_and_its_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let master = MasterSecret::from_bytes([3; 32]);
-        let old_key = format!("kf-{}", "ab".repeat(32));
-        let hash = blake3::keyed_hash(&master.derive(crate::API_KEY_CONTEXT), old_key.as_bytes());
-        let record = TenantRecord {
-            id: 1,
-            name: "dave".into(),
-            epoch: 2,
-            tier: 0,
-            key_hash: hex(hash.as_bytes()),
-            created_unix: 0,
-            key_id: String::new(),
-        };
-        write_old(&EmbeddedStore::open(dir.path()).unwrap(), &record);
-        let r = Registry::open_embedded(dir.path(), &master).await.unwrap();
-        let found = r.authenticate(&old_key).expect("an old key still authenticates");
-        assert_eq!((found.id, found.epoch, found.key_id.as_str()), (1, 2, "dave"), "the frames it was created with");
-        let (next, _) = r.create("erin", 0).await.unwrap().value;
-        assert_eq!(next.id, 2, "the id counter carried on");
-        drop(r);
-        let r = Registry::open_embedded(dir.path(), &master).await.unwrap();
-        assert_eq!(r.get("dave").unwrap().key_id, "dave", "written back");
     }
 }

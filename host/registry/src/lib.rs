@@ -38,7 +38,8 @@ mod store;
 
 pub use embedded::{EmbeddedStore, DATABASE_FILE};
 pub use postgres::{PostgresStore, CHANNEL};
-pub use store::{Delta, Listening, NewTenant, PolicyRecord, Store, TenantRecord};
+pub use store::{hex, Delta, Listening, NewTenant, PolicyRecord, RegistryError, Store, TenantRecord};
+use store::now_unix;
 
 use kframe_core::keys::MasterSecret;
 use rand::TryRngCore;
@@ -48,23 +49,6 @@ use std::sync::{Arc, RwLock};
 use zeroize::Zeroizing;
 
 const API_KEY_CONTEXT: &str = "kframe api key hash v1";
-
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("tenant `{0}` already exists")]
-    Exists(String),
-    #[error("no tenant `{0}`")]
-    NotFound(String),
-    #[error("invalid tenant name `{0}`: use 1 to 64 of A-Z a-z 0-9 _ . -, other than `.` and `..`")]
-    InvalidName(String),
-    /// The store cannot be reached now; nothing was written. Retry later.
-    #[error("tenant registry {store} is unavailable: {reason}")]
-    Unavailable { store: String, reason: String },
-    #[error("tenant registry {store}: {reason}")]
-    Storage { store: String, reason: String },
-    #[error("{0}")]
-    Config(String),
-}
 
 /// What a sync found changed, for the server to apply to its engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -382,9 +366,6 @@ pub fn random_token(prefix: &str) -> Zeroizing<String> {
     Zeroizing::new(format!("{prefix}{}", random_hex().as_str()))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn decode_hash(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
@@ -397,9 +378,6 @@ fn decode_hash(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 /// A registry url with its password blanked, for messages.
 pub fn redact(url: &str) -> String {
@@ -412,5 +390,37 @@ pub fn redact(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tenant_written_before_key_ids_and_key_ids_in_keys_keeps_its_frames_and_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterSecret::from_bytes([3; 32]);
+        // A key as older kframes issued them: its whole text was hashed.
+        let old_key = format!("kf-{}", "ab".repeat(32));
+        let hash = blake3::keyed_hash(&master.derive(API_KEY_CONTEXT), old_key.as_bytes());
+        let record = TenantRecord {
+            id: 1,
+            name: "dave".into(),
+            epoch: 2,
+            tier: 0,
+            key_hash: hex(hash.as_bytes()),
+            created_unix: 0,
+            key_id: String::new(),
+        };
+        EmbeddedStore::open(dir.path()).unwrap().put_as_written_before_key_ids(&record);
+        let r = Registry::open_embedded(dir.path(), &master).await.unwrap();
+        let found = r.authenticate(&old_key).expect("an old key still authenticates");
+        assert_eq!((found.id, found.epoch, found.key_id.as_str()), (1, 2, "dave"), "the frames it was created with");
+        let (next, _) = r.create("erin", 0).await.unwrap().value;
+        assert_eq!(next.id, 2, "the id counter carried on");
+        drop(r);
+        let r = Registry::open_embedded(dir.path(), &master).await.unwrap();
+        assert_eq!(r.get("dave").unwrap().key_id, "dave", "written back");
     }
 }

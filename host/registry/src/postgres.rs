@@ -7,8 +7,7 @@
 //! with that version, and `NOTIFY`s `kframe_registry` with it, which PostgreSQL
 //! delivers only if the transaction commits.
 
-use crate::store::{Delta, Listening, NewTenant, PolicyRecord, Store, TenantRecord};
-use crate::{hex, RegistryError};
+use crate::store::{hex, now_unix, Delta, Listening, NewTenant, PolicyRecord, RegistryError, Store, TenantRecord};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use std::sync::atomic::Ordering;
@@ -133,7 +132,7 @@ impl PostgresStore {
         sqlx::query("INSERT INTO key_epochs (tenant_id, epoch, since_unix) VALUES ($1, $2, $3)")
             .bind(record.id as i64)
             .bind(record.epoch as i64)
-            .bind(crate::now_unix() as i64)
+            .bind(now_unix() as i64)
             .execute(&mut **tx)
             .await
             .map_err(|e| self.error(e))?;

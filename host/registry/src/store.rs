@@ -1,11 +1,10 @@
-//! The seam between the registry and where it keeps its data: [`Store`], and the
-//! records and change sets that cross it.
+//! The seam between the registry and where it keeps its data: [`Store`], the
+//! records and change sets that cross it, and the errors it reports.
 //!
 //! A store holds the durable truth and a version that grows with every write.
 //! It never caches; the [`Registry`](crate::Registry) in front of it does, and
 //! asks the store only for what changed since the version it last saw.
 
-use crate::RegistryError;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -52,7 +51,7 @@ impl PolicyRecord {
     /// Hex sha256 of the component's bytes: what an operator compares with the
     /// file they built, and how a replica tells it already runs this component.
     pub fn sha256(&self) -> String {
-        crate::hex(&sha2::Sha256::digest(&self.wasm))
+        hex(&sha2::Sha256::digest(&self.wasm))
     }
 }
 
@@ -119,4 +118,29 @@ pub struct Listening {
     pub connects: AtomicU64,
     /// How long to wait before reconnecting a lost notification connection.
     pub retry: std::sync::Mutex<std::time::Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("tenant `{0}` already exists")]
+    Exists(String),
+    #[error("no tenant `{0}`")]
+    NotFound(String),
+    #[error("invalid tenant name `{0}`: use 1 to 64 of A-Z a-z 0-9 _ . -, other than `.` and `..`")]
+    InvalidName(String),
+    /// The store cannot be reached now; nothing was written. Retry later.
+    #[error("tenant registry {store} is unavailable: {reason}")]
+    Unavailable { store: String, reason: String },
+    #[error("tenant registry {store}: {reason}")]
+    Storage { store: String, reason: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

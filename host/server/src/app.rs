@@ -6,12 +6,12 @@ use crate::openai::{self, ChatTemplate};
 use kframe_core::keys::MasterSecret;
 use kframe_engine::Engine;
 use kframe_policy::PolicyKind;
-use kframe_registry::{self as registry, Registry};
+use kframe_registry::{self as registry, Listening, Registry};
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokenizers::Tokenizer;
 
@@ -102,6 +102,17 @@ pub fn valid_replica_name(name: &str) -> bool {
     (1..=128).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
+/// What the metrics report of the registry's follower.
+#[derive(Default)]
+pub(crate) struct Counters {
+    /// Syncs that brought changes in, by what started them: `write` (this
+    /// replica's own), `notify` or `poll`.
+    pub syncs: Mutex<BTreeMap<&'static str, u64>>,
+    pub sync_failures: AtomicU64,
+    pub policy_load_failures: AtomicU64,
+    pub listening: OnceLock<Arc<Listening>>,
+}
+
 /// What this replica runs for a policy kind the registry names a component for.
 #[derive(Debug, Clone)]
 pub(crate) struct LoadedPolicy {
@@ -139,7 +150,7 @@ pub struct App {
     pub(crate) ended_sessions: Mutex<lru::LruCache<String, ()>>,
     /// Components loaded from the registry, by kind.
     pub(crate) loaded_policies: Mutex<HashMap<PolicyKind, LoadedPolicy>>,
-    pub(crate) cluster: crate::sync::Counters,
+    pub(crate) cluster: Counters,
     /// Re-keying takes this for writing, submitting for reading, so that no
     /// request reaches the engine in an epoch its sessions have already left.
     pub(crate) rekey: tokio::sync::RwLock<()>,

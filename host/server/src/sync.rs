@@ -7,29 +7,18 @@
 //! also polls the version, because an announcement sent while the listener was
 //! disconnected is lost for good.
 
-use crate::app::{App, LoadedPolicy};
+use crate::app::{App, Counters, LoadedPolicy};
 use kframe_engine::Tenant;
 use kframe_policy::PolicyKind;
-use kframe_registry::{Change, Listening, PolicyRecord, RegistryError, Synced, TenantRecord};
-use std::collections::{BTreeMap, HashMap};
+use kframe_registry::{Change, PolicyRecord, RegistryError, Synced, TenantRecord};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// The engine's view of a tenant: its frame identity and epoch.
 pub(crate) fn frame(record: &TenantRecord) -> Tenant {
     Tenant { id: record.id, key_id: record.key_id.clone(), epoch: record.epoch, tier: record.tier }
-}
-
-/// What the metrics report of the registry's follower.
-#[derive(Default)]
-pub(crate) struct Counters {
-    /// Syncs that brought changes in, by what started them: `write` (this
-    /// replica's own), `notify` or `poll`.
-    pub syncs: Mutex<BTreeMap<&'static str, u64>>,
-    pub sync_failures: AtomicU64,
-    pub policy_load_failures: AtomicU64,
-    pub listening: OnceLock<Arc<Listening>>,
 }
 
 impl Counters {
