@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cluster mode on one machine, in one command: a PostgreSQL registry, three kframe
 # replicas on loopback ports and HAProxy in front (examples/cluster/haproxy.cfg),
-# until Ctrl-C, which stops them all. Everything lives in target/cluster
+# until Ctrl-C (or SIGTERM), which stops them all. Everything lives in target/cluster
 # (KFRAME_CLUSTER_DIR to move it); a second run reuses its database and secrets.
 #
 #   examples/cluster/run.sh          # HAProxy on 127.0.0.1:8090 (KFRAME_CLUSTER_PORT)

@@ -560,8 +560,23 @@ async fn put_policy(app: &Arc<App>, req: Request<Incoming>, kind: &str) -> Resul
         .map_err(|e| ApiError::bad_request(format!("component refused: {e}")).with_code("invalid_component"))?;
     let record = PolicyRecord { name: name.clone(), config, wasm: wasm.to_vec() };
     let loaded = crate::app::LoadedPolicy { sha256: record.sha256(), error: None };
-    app.loaded_policies.lock().expect("policy lock").insert(kind, loaded);
-    app.write(app.registry.set_policy(kind.world(), Some(&record))).await.map_err(registry_error)?;
+    let before = app.loaded_policies.lock().expect("policy lock").insert(kind, loaded);
+    if let Err(e) = app.write(app.registry.set_policy(kind.world(), Some(&record))).await {
+        // Not recorded, so not run: every replica keeps running the same policy.
+        app.loaded_policies.lock().expect("policy lock").remove(&kind);
+        match app.registry.policies().into_iter().find(|(world, _)| world == kind.world()) {
+            Some((_, p)) => {
+                let (policies, sha256) = (app.engine.policies().clone(), p.sha256());
+                let back = tokio::task::spawn_blocking(move || policies.swap(kind, &p.name, &p.wasm, &p.config)).await;
+                if matches!(back, Ok(Ok(()))) {
+                    let loaded = before.unwrap_or(crate::app::LoadedPolicy { sha256, error: None });
+                    app.loaded_policies.lock().expect("policy lock").insert(kind, loaded);
+                }
+            }
+            None => app.engine.policies().clear(kind),
+        }
+        return Err(registry_error(e));
+    }
     Ok(json_response(StatusCode::OK, &json!({"kind": kind.world().trim_end_matches("-policy"), "component": name})))
 }
 
