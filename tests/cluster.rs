@@ -119,7 +119,8 @@ fn write_secrets(dir: &Path) {
     let mut bytes = [0u8; 64];
     std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).unwrap();
     let token: String = bytes[32..].iter().map(|b| format!("{b:02x}")).collect();
-    for (file, content) in [("master.key", bytes[..32].to_vec()), ("admin.token", format!("kfa-{token}").into_bytes())] {
+    for (file, content) in [("master.key", bytes[..32].to_vec()), ("admin.token", format!("kfa-{token}").into_bytes())]
+    {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dir.join(file)).unwrap();
         f.write_all(&content).unwrap();
     }
@@ -184,7 +185,8 @@ fn prometheus(text: &str) -> BTreeMap<String, (String, f64)> {
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
         let name = series.split('{').next().unwrap();
         assert!(
-            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') && !name.starts_with(char::is_numeric),
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                && !name.starts_with(char::is_numeric),
             "{line}"
         );
         let kind = types.get(name).unwrap_or_else(|| panic!("no TYPE before {line}"));
@@ -245,6 +247,20 @@ fn three_replicas_on_one_postgres_share_tenants_policies_and_deletes_and_export_
         assert_eq!(complete(addr, &key, "user: remember 4821.", Some(&s)).status, 200);
         sessions.push(s);
     }
+    // A's session, on B: taken up as a cache miss, then continued on B's cache.
+    let moved = complete(&addrs[1], &key, "user: remember 4821. user: and?", Some(&sessions[0]));
+    assert_eq!((moved.status, cached_tokens(&moved)), (200, 0), "{}", moved.text());
+    let again = complete(&addrs[1], &key, "user: remember 4821. user: and? user: well?", Some(&sessions[0]));
+    assert!(cached_tokens(&again) > 0, "{}", again.text());
+    // Forged or mangled ids read as sessions that never existed; an ended one stays ended.
+    let forged =
+        format!("{}{}", &sessions[0][..sessions[0].len() - 1], if sessions[0].ends_with('0') { "1" } else { "0" });
+    let mangled = format!("{}é", &sessions[0][..sessions[0].len() - 2]);
+    for id in [forged.as_str(), mangled.as_str()] {
+        let r = complete(&addrs[2], &key, "user: hi.", Some(id));
+        assert_eq!(r.status, 404, "{id}: {}", r.text());
+    }
+
     for addr in &addrs {
         let text = request_to(addr, "GET", "/metrics", None, &[], b"").text();
         let m = prometheus(&text);
@@ -258,15 +274,24 @@ fn three_replicas_on_one_postgres_share_tenants_policies_and_deletes_and_export_
         assert!(gauge(&admin_m, &format!("kframe_engine_tenant_cache_bytes{{tenant=\"{alice}\"}}")) > 0.0);
     }
 
+    let ended = request_to(&addrs[2], "DELETE", &format!("/v1/sessions/{}", sessions[2]), Some(&key), &[], b"");
+    assert_eq!(ended.status, 200, "{}", ended.text());
+    assert_eq!(complete(&addrs[2], &key, "user: hi.", Some(&sessions[2])).status, 404);
+
     // A delete through B: the key stops working everywhere, and every replica
     // zeroes and frees her caches.
     let r = request_to(&addrs[1], "DELETE", "/admin/tenants/alice", Some(&admin), &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(get(&addrs[1], "/v1/models", &key).status, 401, "at once on B");
     for addr in &addrs {
-        wait_for(Duration::from_secs(10), "the delete on every replica", || get(addr, "/v1/models", &key).status == 401);
+        wait_for(Duration::from_secs(10), "the delete on every replica", || {
+            get(addr, "/v1/models", &key).status == 401
+        });
         let admin_text = get(addr, "/admin/metrics", &admin).text();
-        assert!(!admin_text.contains(&format!("kframe_engine_tenant_cache_bytes{{tenant=\"{alice}\"}}")), "{admin_text}");
+        assert!(
+            !admin_text.contains(&format!("kframe_engine_tenant_cache_bytes{{tenant=\"{alice}\"}}")),
+            "{admin_text}"
+        );
         let m = prometheus(&request_to(addr, "GET", "/metrics", None, &[], b"").text());
         assert_eq!(gauge(&m, "vllm:kv_cache_usage_perc"), 0.0);
     }
@@ -286,12 +311,18 @@ fn through_haproxy_each_tenant_sticks_to_one_replica_and_a_killed_replica_moves_
     // Every tenant is known everywhere before routing is looked at.
     for i in 0..3 {
         let addr = c.replica(i).addr.clone();
-        wait_for(Duration::from_secs(10), "every tenant on every replica", || get(&addr, "/v1/models", &tenants[49].1).status == 200);
+        wait_for(Duration::from_secs(10), "every tenant on every replica", || {
+            get(&addr, "/v1/models", &tenants[49].1).status == 200
+        });
     }
     let home: Vec<String> = tenants.iter().map(|(_, k)| route(k).unwrap()).collect();
     for _ in 0..2 {
         for ((_, key), home) in tenants.iter().zip(&home) {
-            assert_eq!(route(key).as_deref(), Some(home.as_str()), "a tenant always reaches the same replica: {home:?}");
+            assert_eq!(
+                route(key).as_deref(),
+                Some(home.as_str()),
+                "a tenant always reaches the same replica: {home:?}"
+            );
         }
     }
     let mut per_replica = BTreeMap::<&str, usize>::new();
@@ -352,7 +383,12 @@ fn through_haproxy_each_tenant_sticks_to_one_replica_and_a_killed_replica_moves_
     for t in load {
         t.join().unwrap();
     }
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "no request under load failed ({} served)", served.load(Ordering::SeqCst));
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "no request under load failed ({} served)",
+        served.load(Ordering::SeqCst)
+    );
     eprintln!("after kill -9 of {victim_name}: all 50 tenants answered within {swept:?}, slowest {slowest:?}");
 
     // Once HAProxy has marked it down, only its own tenants have moved.
@@ -417,15 +453,23 @@ fn a_rekey_through_one_replica_reaches_the_others_by_notification_and_by_poll_al
     }
 
     // Cut B's notification connection; only the poll is left.
-    let cut = c.pg.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'kframe-listener b'");
+    let cut = c.pg.sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'kframe-listener b'",
+    );
     assert_eq!(cut, "1");
     wait_for(Duration::from_secs(10), "B to see its listener gone", || {
-        gauge(&prometheus(&get(&addrs[1], "/admin/metrics", &admin).text()), "kframe_registry_listener_connected") == 0.0
+        gauge(&prometheus(&get(&addrs[1], "/admin/metrics", &admin).text()), "kframe_registry_listener_connected")
+            == 0.0
     });
-    let polls = |addr: &str| prometheus(&get(addr, "/admin/metrics", &admin).text()).get("kframe_registry_syncs_total{trigger=\"poll\"}").map_or(0.0, |s| s.1);
+    let polls = |addr: &str| {
+        prometheus(&get(addr, "/admin/metrics", &admin).text())
+            .get("kframe_registry_syncs_total{trigger=\"poll\"}")
+            .map_or(0.0, |s| s.1)
+    };
     let polls_before = polls(&addrs[1]);
     assert_eq!(rekey(&addrs[0]), 2);
-    let delay = wait_for(Duration::from_secs(10), "epoch 2 on B by poll", || epoch_on(&addrs[1], &admin, "alice") == Some(2));
+    let delay =
+        wait_for(Duration::from_secs(10), "epoch 2 on B by poll", || epoch_on(&addrs[1], &admin, "alice") == Some(2));
     eprintln!("re-key reached B by poll alone in {delay:?} (poll every {POLL_MS} ms)");
     let m = prometheus(&get(&addrs[1], "/admin/metrics", &admin).text());
     assert_eq!(gauge(&m, "kframe_registry_listener_connected"), 0.0, "still cut");
@@ -459,7 +503,10 @@ fn a_rekey_through_one_replica_reaches_the_others_by_notification_and_by_poll_al
     }
     all.sort();
     assert_eq!(all, (3..=17).collect::<Vec<u64>>());
-    assert_eq!(c.pg.sql("SELECT string_agg(epoch::text, ',' ORDER BY epoch) FROM key_epochs"), (0..=17).map(|e| e.to_string()).collect::<Vec<_>>().join(","));
+    assert_eq!(
+        c.pg.sql("SELECT string_agg(epoch::text, ',' ORDER BY epoch) FROM key_epochs"),
+        (0..=17).map(|e| e.to_string()).collect::<Vec<_>>().join(",")
+    );
     for addr in &addrs {
         wait_for(Duration::from_secs(10), "epoch 17 everywhere", || epoch_on(addr, &admin, "alice") == Some(17));
     }
@@ -550,11 +597,19 @@ fn the_kubernetes_manifests_build_with_kustomize_and_validate_offline() {
         assert!(yaml.contains(&format!("kind: {kind}\n")), "{kind} missing from the build");
     }
     let report = run_ok(Command::new(pyenv_tool("kubernetes-validate")).arg("--strict").arg(&built));
-    for resource in ["deployment/kframe ", "deployment/kframe-router", "statefulset/kframe-postgres", "service/kframe-replicas"] {
+    for resource in
+        ["deployment/kframe ", "deployment/kframe-router", "statefulset/kframe-postgres", "service/kframe-replicas"]
+    {
         assert!(report.contains(&format!("passed for resource {resource}")), "{resource}:\n{report}");
     }
     assert!(!report.contains("failed"), "{report}");
-    let out = run_ok(Command::new(pyenv_tool("python")).arg("-c").arg(CHECK_POOL).arg(&built).arg(dir.join("crd/inferencepools.yaml")));
+    let out = run_ok(
+        Command::new(pyenv_tool("python"))
+            .arg("-c")
+            .arg(CHECK_POOL)
+            .arg(&built)
+            .arg(dir.join("crd/inferencepools.yaml")),
+    );
     assert!(out.contains("inferencepool ok"), "{out}");
     // Both HAProxy configurations parse.
     run_ok(Command::new(haproxy()).arg("-c").arg("-f").arg(dir.join("haproxy.cfg")));

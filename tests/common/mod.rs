@@ -48,11 +48,7 @@ impl Server {
         if !extra.contains(&"--addr") {
             cmd.args(["--addr", "127.0.0.1:0"]);
         }
-        let mut child = cmd
-            .args(extra)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("kframe serve starts");
+        let mut child = cmd.args(extra).stdout(Stdio::piped()).spawn().expect("kframe serve starts");
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
@@ -110,7 +106,14 @@ impl Drop for Server {
 }
 
 /// One HTTP/1.1 request to `addr` (a replica, or a router in front of some).
-pub fn request_to(addr: &str, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+pub fn request_to(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let Some(t) = token {
         head += &format!("Authorization: Bearer {t}\r\n");

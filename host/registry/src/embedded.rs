@@ -279,7 +279,10 @@ impl EmbeddedStore {
         let mut json = serde_json::to_value(record).unwrap();
         json.as_object_mut().unwrap().remove("key_id");
         let tx = self.db.begin_write().unwrap();
-        tx.open_table(TENANTS).unwrap().insert(record.name.as_str(), serde_json::to_vec(&json).unwrap().as_slice()).unwrap();
+        tx.open_table(TENANTS)
+            .unwrap()
+            .insert(record.name.as_str(), serde_json::to_vec(&json).unwrap().as_slice())
+            .unwrap();
         tx.open_table(COUNTERS).unwrap().insert("next_tenant_id", record.id + 1).unwrap();
         tx.commit().unwrap();
     }

@@ -38,8 +38,8 @@ mod store;
 
 pub use embedded::{EmbeddedStore, DATABASE_FILE};
 pub use postgres::{PostgresStore, CHANNEL};
-pub use store::{hex, Delta, Listening, NewTenant, PolicyRecord, RegistryError, Store, TenantRecord};
 use store::now_unix;
+pub use store::{hex, Delta, Listening, NewTenant, PolicyRecord, RegistryError, Store, TenantRecord};
 
 use kframe_core::keys::MasterSecret;
 use rand::TryRngCore;
@@ -55,10 +55,16 @@ const API_KEY_CONTEXT: &str = "kframe api key hash v1";
 pub enum Change {
     Created(TenantRecord),
     /// The tenant moved on from `before.epoch` to `after.epoch` (by one or more).
-    Rekeyed { before: TenantRecord, after: TenantRecord },
+    Rekeyed {
+        before: TenantRecord,
+        after: TenantRecord,
+    },
     Deleted(TenantRecord),
     /// The component for a policy kind (its WIT world name) is now this, or none.
-    Policy { kind: String, now: Option<PolicyRecord> },
+    Policy {
+        kind: String,
+        now: Option<PolicyRecord>,
+    },
     Prefix(String),
 }
 
@@ -366,7 +372,6 @@ pub fn random_token(prefix: &str) -> Zeroizing<String> {
     Zeroizing::new(format!("{prefix}{}", random_hex().as_str()))
 }
 
-
 fn decode_hash(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
@@ -377,7 +382,6 @@ fn decode_hash(s: &str) -> Option<[u8; 32]> {
     }
     Some(out)
 }
-
 
 /// A registry url with its password blanked, for messages.
 pub fn redact(url: &str) -> String {

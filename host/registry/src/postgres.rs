@@ -34,8 +34,7 @@ impl PostgresStore {
     /// the migrations. `replica` names this replica's connections
     /// (`application_name`), so an operator sees who holds which.
     pub async fn connect(url: &str, replica: &str) -> Result<Self, RegistryError> {
-        let options: PgConnectOptions =
-            url.parse().map_err(|e| RegistryError::Config(format!("registry url: {e}")))?;
+        let options: PgConnectOptions = url.parse().map_err(|e| RegistryError::Config(format!("registry url: {e}")))?;
         let described =
             format!("postgres {}:{}/{}", options.get_host(), options.get_port(), options.get_database().unwrap_or(""));
         let unavailable =
@@ -177,11 +176,12 @@ impl Store for PostgresStore {
             .map_err(|e| self.error(e))?;
         delta.tenants = rows.iter().map(|r| self.tenant(r)).collect::<Result<_, _>>()?;
         if since.is_some() {
-            let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM deleted_tenants WHERE changed > $1 ORDER BY changed")
-                .bind(after)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(|e| self.error(e))?;
+            let ids: Vec<i64> =
+                sqlx::query_scalar("SELECT id FROM deleted_tenants WHERE changed > $1 ORDER BY changed")
+                    .bind(after)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(|e| self.error(e))?;
             delta.deleted = ids.into_iter().map(|id| id as u64).collect();
         }
         let rows = sqlx::query("SELECT kind, name, config, wasm FROM policies WHERE changed > $1 ORDER BY kind")
@@ -336,7 +336,8 @@ impl Store for PostgresStore {
 }
 
 async fn connect_listener(options: &PgConnectOptions) -> Result<PgListener, sqlx::Error> {
-    let pool = PgPoolOptions::new().max_connections(1).acquire_timeout(ACQUIRE_TIMEOUT).connect_lazy_with(options.clone());
+    let pool =
+        PgPoolOptions::new().max_connections(1).acquire_timeout(ACQUIRE_TIMEOUT).connect_lazy_with(options.clone());
     let mut listener = PgListener::connect_with(&pool).await?;
     listener.listen(CHANNEL).await?;
     Ok(listener)

@@ -186,7 +186,10 @@ async fn policies_keep_their_bytes_and_sha256_and_prefixes_are_kept_once(b: Back
         r.set_policy("eviction-policy", Some(&policy)).await.unwrap();
         let cleared = r.set_policy("eviction-policy", None).await.unwrap();
         assert_eq!(cleared.changes, vec![Change::Policy { kind: "eviction-policy".into(), now: None }]);
-        assert_eq!(r.add_prefix("system: be brief").await.unwrap().changes, vec![Change::Prefix("system: be brief".into())]);
+        assert_eq!(
+            r.add_prefix("system: be brief").await.unwrap().changes,
+            vec![Change::Prefix("system: be brief".into())]
+        );
         assert!(r.add_prefix("system: be brief").await.unwrap().changes.is_empty());
         r.add_prefix("second").await.unwrap();
     }

@@ -69,7 +69,10 @@ async fn concurrent_rekeys_through_three_replicas_lose_and_repeat_no_epoch() {
     }
     epochs.sort();
     assert_eq!(epochs, (1..=30).collect::<Vec<_>>());
-    let stored = pg.sql(&format!("SELECT string_agg(epoch::text, ',' ORDER BY epoch) FROM key_epochs WHERE tenant_id = {}", alice.id));
+    let stored = pg.sql(&format!(
+        "SELECT string_agg(epoch::text, ',' ORDER BY epoch) FROM key_epochs WHERE tenant_id = {}",
+        alice.id
+    ));
     assert_eq!(stored, (0..=30).map(|e| e.to_string()).collect::<Vec<_>>().join(","), "every epoch once");
     for r in replicas.iter() {
         r.sync().await.unwrap();

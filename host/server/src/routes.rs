@@ -172,7 +172,8 @@ fn metrics(app: &App, scope: Scope) -> Response<Body> {
 fn gateway_metrics(app: &App, engine: &kframe_engine::MetricsSnapshot, out: &mut String) {
     use std::fmt::Write;
     let config = app.engine.config();
-    let usage = if config.kv_budget == 0 { 0.0 } else { (engine.cache_bytes as f64 / config.kv_budget as f64).clamp(0.0, 1.0) };
+    let usage =
+        if config.kv_budget == 0 { 0.0 } else { (engine.cache_bytes as f64 / config.kv_budget as f64).clamp(0.0, 1.0) };
     let model = &app.model_id;
     let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{model}\"}} {value}");
@@ -288,7 +289,9 @@ fn own_session(app: &App, tenant: u64, id: &str) -> Result<(), ApiError> {
         Some(_) => return Err(unknown_session(id)),
         None => {}
     }
-    let issued = id.len() == "sess-".len() + 40 && app.session_tag(tenant, &id[..id.len() - 16]) == id[id.len() - 16..];
+    let issued = id.is_ascii()
+        && id.len() == "sess-".len() + 40
+        && app.session_tag(tenant, &id[..id.len() - 16]) == id[id.len() - 16..];
     if !issued || app.ended_sessions.lock().expect("session lock").contains(id) {
         return Err(unknown_session(id));
     }

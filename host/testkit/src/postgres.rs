@@ -29,7 +29,11 @@ impl Postgres {
         }
         let port = free_port();
         let pg = Self { dir, bin, as_postgres, port };
-        let initdb = pg.command("initdb").args(["-A", "trust", "-U", "kframe", "-E", "UTF8", "--no-sync", "-D"]).arg(pg.data()).output();
+        let initdb = pg
+            .command("initdb")
+            .args(["-A", "trust", "-U", "kframe", "-E", "UTF8", "--no-sync", "-D"])
+            .arg(pg.data())
+            .output();
         check("initdb", initdb);
         pg.start_again();
         pg
@@ -86,7 +90,20 @@ impl Postgres {
     pub fn sql(&self, sql: &str) -> String {
         let out = self
             .command("psql")
-            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "kframe", "-d", "postgres"])
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "kframe",
+                "-d",
+                "postgres",
+            ])
             .args(["-p", &self.port.to_string(), "-c", sql])
             .output();
         let out = check("psql", out);
